@@ -1,0 +1,28 @@
+"""fastem: test-time adaptation of speech recognizers by exact sequence-entropy minimization.
+
+    import fastem
+    model, processor = fastem.load_whisper("base")
+    result = fastem.adapt(model, "clip.flac")          # episodic: the model is restored afterwards
+    print(result.text_before, "->", result.text)
+"""
+from . import ops
+from .adapt import AdaptConfig, AdaptResult, adapt, transcribe
+from .objective import em_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["AdaptConfig", "AdaptResult", "adapt", "transcribe", "em_loss", "ops", "load_whisper", "load_audio",
+           "__version__"]
+
+
+def __getattr__(name):
+    # Loaders import heavier modules (soundfile, safetensors); resolve them on first use.
+    if name == "load_whisper":
+        from .models import load_whisper
+
+        return load_whisper
+    if name == "load_audio":
+        from .audio import load_audio
+
+        return load_audio
+    raise AttributeError(f"module 'fastem' has no attribute {name!r}")

@@ -1,0 +1,146 @@
+"""Command line: ``fastem transcribe`` and ``fastem demo`` (also ``python -m fastem``)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+from .adapt import AdaptConfig
+from .objective import OBJECTIVES
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
+    d = AdaptConfig()
+    p.add_argument("--model", default="base", help="tiny.en, base (bundled), a hub id or a local checkpoint dir")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--language", default=None, help="language code (default: detected; English for .en models)")
+    p.add_argument("--steps", type=int, default=default_steps, help=f"adaptation steps (default {default_steps})")
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--params", default=d.params, choices=["layernorm", "decoder", "encoder", "all"])
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastem", description="Test-time adaptation of Whisper by entropy "
+                                     "minimization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("transcribe", help="transcribe audio files, optionally adapting on each")
+    t.add_argument("audio", nargs="+", help="audio files (wav/flac/ogg/mp3), at most 30 s each")
+    t.add_argument("--adapt", action="store_true", help="adapt on each file (episodic) before transcribing")
+    _add_method_args(t, default_steps=AdaptConfig().steps)
+    t.add_argument("--reference", action="append", default=None,
+                   help="reference transcript (once per file, in order) to print WER")
+    t.add_argument("--manifest", default=None,
+                   help="TSV with columns id, path, text (shared/data layout): references by file name")
+    t.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
+
+    d = sub.add_parser("demo", help="adapt on a bundled real clip with real noise added; print WER before/after")
+    _add_method_args(d, default_steps=AdaptConfig().steps)
+    d.add_argument("--snr", type=float, default=5.0, help="signal-to-noise ratio of the added noise in dB")
+    return parser
+
+
+def _references(args) -> dict[str, str]:
+    refs: dict[str, str] = {}
+    if args.manifest:
+        with open(args.manifest, encoding="utf-8", newline="") as f:
+            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                if len(row) >= 3 and row[0] != "id":
+                    refs[Path(row[1]).name] = row[2]
+    if args.reference:
+        if len(args.reference) != len(args.audio):
+            raise SystemExit(f"error: {len(args.reference)} --reference for {len(args.audio)} audio files")
+        refs.update({Path(a).name: r for a, r in zip(args.audio, args.reference)})
+    return refs
+
+
+def _config(args) -> AdaptConfig:
+    return AdaptConfig(steps=args.steps, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
+                       params=args.params, seed=args.seed)
+
+
+def _load(args):
+    from .models import load_whisper
+
+    return load_whisper(args.model, device=args.device)
+
+
+def cmd_transcribe(args) -> int:
+    from tqdm import tqdm
+
+    from .adapt import adapt, transcribe
+    from .text import word_errors
+
+    refs = _references(args)
+    model, processor = _load(args)
+    cfg = _config(args)
+    status = 0
+    for path in tqdm(args.audio, desc="files", unit="file", disable=len(args.audio) < 2, file=sys.stderr):
+        t0 = time.perf_counter()
+        row: dict = {"file": path}
+        try:
+            if args.adapt:
+                res = adapt(model, path, processor=processor, language=args.language, config=cfg, sampling_rate=None)
+                row.update(before=res.text_before, after=res.text, language=res.language, steps=cfg.steps)
+            else:
+                row.update(before=transcribe(model, path, processor=processor, language=args.language,
+                                             sampling_rate=None))
+        except (ValueError, OSError) as err:
+            row["error"] = str(err)
+            status = 1
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        ref = refs.get(Path(path).name)
+        if ref is not None and "error" not in row:
+            lang = row.get("language") or args.language or "en"
+            row["reference"] = ref
+            for key in ("before", "after"):
+                if key in row:
+                    err, n = word_errors(ref, row[key], lang)
+                    row[f"wer_{key}"] = err / max(n, 1)
+        _print_row(row, args.json)
+    return status
+
+
+def _print_row(row: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+        return
+    print(f"== {row['file']}  ({row['seconds']:.1f} s)")
+    if "error" in row:
+        print(f"   error: {row['error']}")
+        return
+    if "reference" in row:
+        print(f"   reference: {row['reference']}")
+    label = "before" if "after" in row else "text"
+    wer = f"  [WER {row['wer_before']:.1%}]" if "wer_before" in row else ""
+    print(f"   {label:>9}: {row['before']}{wer}")
+    if "after" in row:
+        wer = f"  [WER {row['wer_after']:.1%}]" if "wer_after" in row else ""
+        print(f"   {'after':>9}: {row['after']}{wer}   ({row['steps']} steps)")
+    sys.stdout.flush()
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(model_name=args.model, device=args.device, snr_db=args.snr, config=_config(args),
+                    language=args.language)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "transcribe":
+        return cmd_transcribe(args)
+    return cmd_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

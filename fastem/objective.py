@@ -1,0 +1,100 @@
+"""The sequence-entropy objective and its ablations, as surrogate losses.
+
+Notation: an autoregressive model draws ``y = (y_1, ..., y_L)`` given ``x`` (``y_L`` is EOS, or the
+sequence was cut at ``max_new_tokens``).  ``H_t`` is the entropy of the next-token distribution
+``p(. | y_<t, x)`` from which ``y_t`` is drawn, ``logp_t = log p(y_t | y_<t, x)``.  The quantity fastem
+minimizes is the *sequence entropy*
+
+    H(Y|x) = E_y[ sum_{t=1..L} H_t(y_<t) ].
+
+Differentiating (the score-function identity for the sampling distribution, the plain gradient for
+the entropies inside) gives, exactly,
+
+    grad H(Y|x) = E_y[ sum_t grad H_t ]  +  E_y[ sum_s (sum_{t>s} H_t) grad logp_s ].
+
+``em_loss`` returns a scalar whose gradient is an unbiased one-batch estimate of one of these
+objectives from ``K`` sampled sequences, given per-token ``entropy`` and ``logp`` tensors ``[K, T]``
+(from :func:`fastem.ops.token_stats`) and a ``mask`` of real tokens (the EOS token counts, padding
+after it does not):
+
+``objective="em"`` (the full objective)
+    ``L = 1/K sum_k [ sum_t H_t^k + sum_s sg(C_s^k - b_s^k) logp_s^k ]`` with the *cost-to-go*
+    ``C_s = sum_{t>s} H_t`` (entropies after token ``s``, detached) and a baseline ``b``.  Its expected
+    gradient equals ``grad H(Y|x)``, not up to a scale (``reduction="sum"``).
+
+``objective="entropy"`` (token entropy at fixed prefixes)
+    ``L = 1/K sum_k sum_t H_t^k``: the first term alone.  Evaluated on the greedy pseudo-label this is
+    the SUTA-style teacher-forcing entropy loss.  It ignores that changing the model changes which
+    prefixes are visited, so it is biased for ``H(Y|x)``.
+
+``objective="pg"`` (REINFORCE with a sequence reward)
+    ``L = 1/K sum_k sum_s sg(R^k - b^k) logp_s^k`` with the sequence cost ``R = sum_t H_t`` for every
+    token: the score-function term alone, with the whole-sequence cost instead of the cost-to-go and
+    without the direct entropy gradient.  Also biased for ``H(Y|x)``.
+
+Baselines (subtracted from the cost; none changes the expectation except where noted):
+
+* ``"none"``: ``b = 0``.
+* ``"loo"``: leave-one-out, ``b_s^k = 1/(K-1) sum_{j != k} C_s^j`` (a sequence shorter than ``s`` has
+  ``C_s = 0``).  Independent of sample ``k``, hence unbiased; with ``K = 1`` it is ``0``.
+* ``"mean"``: ``b_s = 1/K sum_j C_s^j`` including the sample itself.  Lower variance but it scales the
+  policy-gradient term by ``(K-1)/K`` in expectation (biased for finite ``K``).
+
+``reduction="sum"`` sums over tokens and averages over the ``K`` samples (exact scale);
+``reduction="mean"`` divides the same total by the number of real tokens instead.
+"""
+from __future__ import annotations
+
+import torch
+
+OBJECTIVES = ("em", "entropy", "pg")
+BASELINES = ("none", "loo", "mean")
+REDUCTIONS = ("sum", "mean")
+
+__all__ = ["OBJECTIVES", "BASELINES", "REDUCTIONS", "em_loss", "cost_to_go"]
+
+
+def cost_to_go(entropy: torch.Tensor) -> torch.Tensor:
+    """``C_s = sum_{t>s} H_t`` along the last dimension (entropies must already be masked)."""
+    return entropy.flip(-1).cumsum(-1).flip(-1) - entropy
+
+
+def _baseline(cost: torch.Tensor, kind: str) -> torch.Tensor:
+    k = cost.shape[0]
+    if kind == "none" or (kind == "loo" and k == 1):
+        return torch.zeros_like(cost)
+    total = cost.sum(0, keepdim=True)
+    if kind == "loo":
+        return (total - cost) / (k - 1)
+    return total.expand_as(cost) / k  # "mean"
+
+
+def em_loss(entropy: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, *, objective: str = "em",
+            baseline: str = "loo", reduction: str = "sum") -> torch.Tensor:
+    """Surrogate loss for ``K`` sampled sequences of one input; see the module docstring.
+
+    ``entropy``, ``logp``: ``[K, T]`` per-token entropy and log-prob of the sampled token,
+    differentiable.  ``mask``: ``[K, T]`` bool/0-1, true for real tokens (EOS included).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if entropy.dim() != 2 or entropy.shape != logp.shape or entropy.shape != mask.shape:
+        raise ValueError("entropy, logp and mask must all be [K, T] with the same shape, got "
+                         f"{tuple(entropy.shape)}, {tuple(logp.shape)}, {tuple(mask.shape)}")
+    m = mask.to(entropy.dtype)
+    ent = entropy * m
+    total = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
+    if objective in ("em", "entropy"):
+        total = total + ent.sum()
+    if objective in ("em", "pg"):
+        h = ent.detach()
+        cost = cost_to_go(h) if objective == "em" else h.sum(-1, keepdim=True).expand_as(h)
+        advantage = (cost - _baseline(cost, baseline)) * m
+        total = total + (advantage * (logp * m)).sum()
+    if reduction == "sum":
+        return total / entropy.shape[0]
+    return total / m.sum().clamp_min(1.0)
