@@ -196,6 +196,7 @@ def adapt(model, audio, *, processor=None, sampling_rate: int | None = 16000, la
             p.requires_grad_(False)
         for p in adapted:
             p.requires_grad_(True)
+            p.grad = None  # the user's own .grad (kept by the snapshot) must not be accumulated into
         with torch.no_grad():
             enc_fixed = encode(model, feats)
             prompt = build_prompt(model, enc_fixed, language, task=cfg.task)
@@ -226,7 +227,8 @@ def adapt(model, audio, *, processor=None, sampling_rate: int | None = 16000, la
             masters.push_values()
             masters.zero_grad()
             n_tok = mask.sum().clamp_min(1)
-            history.append({"step": step, "loss": float(loss), "entropy": float((entropy * mask).sum() / n_tok),
+            history.append({"step": step, "loss": float(loss.detach()),
+                            "entropy": float((entropy.detach() * mask).sum() / n_tok),
                             "length": float(hyps.lengths.float().mean()), "seconds": time.perf_counter() - t0})
 
         with torch.no_grad():
