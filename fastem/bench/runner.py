@@ -1,0 +1,609 @@
+"""Benchmark runner: work items, sharding over ranks, resumable JSONL rows, the methods.
+
+Work list: for each selected domain (registry order), its first ``utts_per_domain`` utterances
+(deterministic, see :func:`fastem.bench.data.select_utterances`).  Item ``i`` of the list belongs to
+rank ``i % world_size``.  Each item loads the clean audio once, applies the domain, and runs every
+method that has no row yet:
+
+* ``entropy``, ``pg``, ``em``: ``fastem.adapt(model, audio, objective=..., **adapt options)`` with the
+  same options for all three;
+* ``none``: the unadapted greedy transcript.  It is ``AdaptResult.text_before`` of the first adapted
+  method run for the item (identical for every method: the same greedy decode of the same model), so
+  it is not decoded again; ``fastem.transcribe`` is called only when no adapted method runs for the
+  item (or with ``time_none=True``, which also checks that it equals ``text_before``).
+
+Rows are appended (one JSON line each, flushed) to ``<out>/shards/rank<r>.jsonl``; a row's key is
+``(model, domain, utt_id, method, config_hash)`` where the hash covers everything that can change the
+result (the domain's transform spec and seed, the resolved adaptation settings).  A rerun first reads
+every shard file and skips the keys it finds, so an interrupted run resumes and a finished one does no
+new work.  At the end the rows of all ranks are gathered on rank 0 (``torch.distributed`` over gloo,
+so no shared filesystem is needed), rescored, sorted by (domain, item, method) and written as
+``rows.jsonl`` with ``summary.json``, ``results.md`` and ``wer_domains.png``: the same table whatever
+the number of processes.
+
+Under ``torchrun`` (env ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) the process group is initialized with
+gloo on CPU or nccl on CUDA (device ``cuda:LOCAL_RANK``); collectives used here run on a gloo group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from . import report as _report
+from .data import SAMPLE_RATE, Utterance, default_data_dir
+from .domains import DOMAINS, Domain, resolve_domains
+
+__all__ = [
+    "BENCH_VERSION",
+    "PROFILES",
+    "RunConfig",
+    "WorkItem",
+    "work_items",
+    "shard",
+    "FastemEngine",
+    "StubEngine",
+    "make_engine",
+    "run",
+    "DistInfo",
+    "dist_info",
+]
+
+BENCH_VERSION = 1
+ALL_METHODS = ("none", "entropy", "pg", "em")
+
+# Profiles: every field can be overridden from the command line.
+PROFILES: dict[str, dict[str, Any]] = {
+    # CI / end-to-end check: two domains, one short utterance each, one adaptation step.
+    "smoke": dict(model="tiny.en", domains=["clean", "noise_white_5db"], utts_per_domain=1,
+                  methods=list(ALL_METHODS), steps=1, num_samples=2, max_seconds=4.0),
+    # A 2-core CPU in well under 15 minutes: tiny.en, 6 domains x 3 short utterances, 3 steps x 2 samples.
+    "quick": dict(model="tiny.en",
+                  domains=["clean", "nonnative_en", "noise_dishes_5db", "noise_pink_5db", "reverb_hall", "telephone"],
+                  utts_per_domain=3, methods=list(ALL_METHODS), steps=3, num_samples=2, max_seconds=5.0),
+    # For a GPU (or torchrun over several): multilingual base, every domain, 30 utterances, 10 steps.
+    "full": dict(model="base", domains=["all"], utts_per_domain=30, methods=list(ALL_METHODS), steps=10,
+                 num_samples=4, max_seconds=None),
+}
+
+
+@dataclass
+class RunConfig:
+    model: str = "tiny.en"
+    domains: list[str] = field(default_factory=lambda: ["clean"])
+    utts_per_domain: int = 3
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    # Adaptation settings shared by every adapted method; None = fastem.AdaptConfig's default.
+    steps: int | None = None
+    lr: float | None = None
+    num_samples: int | None = None
+    params: str | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    max_new_tokens: int | None = None
+    adapt_options: dict[str, Any] = field(default_factory=dict)  # any other AdaptConfig field
+    # Data.
+    data_dir: str | None = None
+    data_seed: int = 0  # seeds the corruptions (noise offsets); independent of the adaptation seed
+    max_seconds: float | None = None  # skip longer utterances (selection stays deterministic)
+    # Execution.
+    device: str | None = None
+    dtype: str | None = None
+    engine: str = "fastem"  # "fastem" | "stub" (a deterministic stand-in for tests and dry runs)
+    time_none: bool = False
+    fail_fast: bool = False
+    progress: bool = True
+    figure: bool = True
+    profile: str | None = None
+
+    @classmethod
+    def from_profile(cls, name: str, **overrides) -> "RunConfig":
+        if name not in PROFILES:
+            raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+        values = dict(PROFILES[name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(profile=name, **values)
+
+    def adapt_overrides(self) -> dict[str, Any]:
+        """Keyword overrides passed to ``fastem.adapt`` (identical for every adapted method)."""
+        out = {k: getattr(self, k) for k in ("steps", "lr", "num_samples", "params", "temperature", "seed",
+                                             "max_new_tokens") if getattr(self, k) is not None}
+        out.update(self.adapt_options)
+        out.pop("objective", None)
+        return out
+
+    def domain_names(self) -> list[str]:
+        return resolve_domains(self.domains)
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# work items and sharding
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkItem:
+    index: int
+    domain: str
+    utt: Utterance
+    position: int  # position of the utterance within its domain's selection
+
+    @property
+    def utt_id(self) -> str:
+        return self.utt.utt_id
+
+
+def work_items(domains: Sequence[str], data_dir: str | os.PathLike, utts_per_domain: int | None, *,
+               max_seconds: float | None = None) -> list[WorkItem]:
+    """The global, deterministic (domain, utterance) list; identical on every rank."""
+    items: list[WorkItem] = []
+    for name in domains:
+        dom = DOMAINS[name]
+        for pos, utt in enumerate(dom.utterances(data_dir, utts_per_domain, max_seconds=max_seconds)):
+            items.append(WorkItem(len(items), name, utt, pos))
+    return items
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """Item ``i`` goes to rank ``i % world_size``: disjoint, complete, balanced within one item."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad rank {rank} / world size {world_size}")
+    return [it for i, it in enumerate(items) if i % world_size == rank]
+
+
+# ------------------------------------------------------------------------------------------------
+# keys and hashing
+# ------------------------------------------------------------------------------------------------
+
+def _hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def resolved_adapt_config(overrides: dict[str, Any], objective: str) -> dict[str, Any]:
+    """The full adaptation settings a call will use (``fastem.AdaptConfig`` defaults filled in when the
+    package has it), as a JSON-able dict."""
+    try:
+        from fastem import AdaptConfig  # type: ignore
+
+        cfg = AdaptConfig(**{**overrides, "objective": objective})
+        d = dataclasses.asdict(cfg)
+    except ImportError:
+        d = {**overrides, "objective": objective}
+    d.pop("backend", None)  # the kernel backend does not change the result beyond float rounding
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in d.items()}
+
+
+def config_hash(method: str, domain: Domain, data_seed: int, adapt_cfg: dict | None,
+                max_new_tokens: int | None = None) -> str:
+    spec = {"bench": BENCH_VERSION, "method": method, "domain_spec": domain.spec, "data_seed": data_seed}
+    if method == "none":
+        spec["max_new_tokens"] = max_new_tokens
+    else:
+        spec["adapt"] = adapt_cfg
+    return _hash(spec)
+
+
+def row_key(row: dict) -> tuple:
+    return (row["model"], row["domain"], row["utt_id"], row["method"], row["config_hash"])
+
+
+# ------------------------------------------------------------------------------------------------
+# engines: what computes a transcript
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class AdaptOutput:
+    text: str
+    text_before: str
+    seconds: float
+    sample_tokens: int | None = None
+    sample_seconds: float | None = None
+    language: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def _torch_dtype(name: str | None):
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
+class FastemEngine:
+    """The real thing: ``fastem.models.load_whisper`` + ``fastem.transcribe`` / ``fastem.adapt``."""
+
+    def __init__(self, model_name: str, *, device: str | None = None, dtype: str | None = None):
+        from fastem.models import load_whisper  # type: ignore
+
+        self.model_name = model_name
+        self.model, self.processor = load_whisper(model_name, device=device, dtype=_torch_dtype(dtype))
+        multi = getattr(getattr(self.model, "generation_config", None), "is_multilingual", None)
+        self.english_only = (not multi) if multi is not None else model_name.endswith(".en")
+
+    def _language(self, language: str) -> str | None:
+        return None if self.english_only else language
+
+    def transcribe(self, audio: torch.Tensor, language: str, *, max_new_tokens: int | None = None) -> tuple[str, float]:
+        import fastem  # type: ignore
+
+        kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
+        t0 = time.perf_counter()
+        text = fastem.transcribe(self.model, audio, processor=self.processor, sampling_rate=SAMPLE_RATE,
+                                 language=self._language(language), **kwargs)
+        return text, time.perf_counter() - t0
+
+    def adapt(self, audio: torch.Tensor, language: str, objective: str, overrides: dict) -> AdaptOutput:
+        import fastem  # type: ignore
+
+        t0 = time.perf_counter()
+        res = fastem.adapt(self.model, audio, processor=self.processor, sampling_rate=SAMPLE_RATE,
+                           language=self._language(language), objective=objective, **overrides)
+        wall = time.perf_counter() - t0
+        return AdaptOutput(text=res.text, text_before=res.text_before,
+                           seconds=float(getattr(res, "seconds", None) or wall),
+                           sample_tokens=getattr(res, "sample_tokens", None),
+                           sample_seconds=getattr(res, "sample_seconds", None),
+                           language=getattr(res, "language", None), history=list(getattr(res, "history", []) or []))
+
+
+_STUB_WORDS = ("the of and to a in that is was he for it with as his on be at by had not are but from or have "
+               "an they which one you were her all she there would their we him been has when who will more no "
+               "if out so said what up its about into than them can only other new some time could these two "
+               "may then do first any my now such like our over man me even most made after also did many "
+               "before must through back years where much your way well down should because each just those "
+               "people how too little state good very make world still own see men work long get here between "
+               "both life being under never day same another know while last might us great old year off come "
+               "since against go came right used take three").split()
+
+
+class StubEngine:
+    """A deterministic stand-in for a model (tests, dry runs of the pipeline): the transcript is a
+    pseudo-random word sequence keyed by the audio's bytes, about 2.5 words per second; an "adapted"
+    transcript changes one word chosen by (objective, audio).  Not a recognizer."""
+
+    english_only = False
+
+    def __init__(self, model_name: str = "stub", **_):
+        self.model_name = model_name
+
+    @staticmethod
+    def _words(audio: torch.Tensor, salt: str = "") -> list[str]:
+        a = audio.detach().to("cpu", torch.float32).contiguous().numpy()
+        h = zlib.crc32(a.tobytes())
+        n = max(1, int(round(a.size / SAMPLE_RATE * 2.5)))
+        return [_STUB_WORDS[zlib.crc32(f"{h}|{i}".encode()) % len(_STUB_WORDS)] for i in range(n)]
+
+    def transcribe(self, audio: torch.Tensor, language: str, *, max_new_tokens: int | None = None) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        text = " ".join(self._words(audio))
+        return text, time.perf_counter() - t0
+
+    def adapt(self, audio: torch.Tensor, language: str, objective: str, overrides: dict) -> AdaptOutput:
+        t0 = time.perf_counter()
+        words = self._words(audio)
+        before = " ".join(words)
+        a = audio.detach().to("cpu", torch.float32).contiguous().numpy()
+        k = zlib.crc32(f"{objective}|{overrides.get('seed', 0)}".encode() + a.tobytes())
+        after = list(words)
+        op = k % 3
+        if op == 0 and len(after) > 1:
+            del after[k % len(after)]
+        elif op == 1:
+            after[k % len(after)] = _STUB_WORDS[k % len(_STUB_WORDS)]
+        steps = int(overrides.get("steps", 1) or 1)
+        samples = int(overrides.get("num_samples", 1) or 1)
+        return AdaptOutput(text=" ".join(after), text_before=before, seconds=time.perf_counter() - t0,
+                           sample_tokens=steps * samples * (len(words) + 1), sample_seconds=1e-3 * steps * samples,
+                           language=language, history=[{"loss": 0.0, "entropy": 0.0, "length": len(words)}] * steps)
+
+
+def make_engine(cfg: RunConfig, device: str | None):
+    if cfg.engine == "stub":  # rows keyed "stub:<model>" never mix with a real model's rows
+        return StubEngine(cfg.model if cfg.model.startswith("stub") else f"stub:{cfg.model}")
+    if cfg.engine == "fastem":
+        return FastemEngine(cfg.model, device=device, dtype=cfg.dtype)
+    raise ValueError(f"unknown engine {cfg.engine!r} (fastem | stub)")
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+    group: Any = None  # a gloo group for object collectives / barriers
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info(device: str | None = None) -> DistInfo:
+    """Read torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) and init the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    info = DistInfo(rank=rank, world_size=world, local_rank=local)
+    if world <= 1:
+        return info
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(hours=48)  # ranks can finish their shards far apart in time
+    use_cuda = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        info.initialized_here = True
+    info.rank, info.world_size = dist.get_rank(), dist.get_world_size()
+    info.group = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
+    return info
+
+
+def _resolve_device(cfg: RunConfig, info: DistInfo) -> str:
+    dev = cfg.device
+    if dev is None or dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and info.distributed:
+        dev = f"cuda:{info.local_rank}"
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+def _append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:  # a crash may have left a partial last line: start a fresh one
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        f.flush()
+
+
+def _history_summary(history: list[dict]) -> dict:
+    out: dict[str, Any] = {"steps_done": len(history)}
+    for key in ("loss", "entropy", "length"):
+        vals = [h.get(key) for h in history if isinstance(h.get(key), (int, float))]
+        if vals:
+            out[f"{key}_first"] = float(vals[0])
+            out[f"{key}_last"] = float(vals[-1])
+    return out
+
+
+def _log(msg: str, info: DistInfo | None = None) -> None:
+    prefix = f"[rank {info.rank}] " if info is not None and info.distributed else ""
+    print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+
+
+def _sort_rows(rows: Iterable[dict], items: Sequence[WorkItem], methods: Sequence[str]) -> list[dict]:
+    pos = {(it.domain, it.utt_id): it.index for it in items}
+    mpos = {m: i for i, m in enumerate(methods)}
+    return sorted(rows, key=lambda r: (pos.get((r["domain"], r["utt_id"]), 1 << 30), mpos.get(r["method"], 99),
+                                       r["method"]))
+
+
+def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | None:
+    """Run (or resume) the benchmark; returns the summary on rank 0 (None on other ranks).
+
+    ``engine``: an object with ``transcribe``/``adapt``/``model_name``/``english_only`` (default: built from
+    ``cfg.engine``); tests pass small stand-ins.
+    """
+    t_run = time.perf_counter()
+    out = Path(out_dir)
+    methods = list(dict.fromkeys(cfg.methods))
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; known: {ALL_METHODS}")
+    data_dir = cfg.resolved_data_dir()
+    if not (data_dir / "speech").is_dir():
+        raise FileNotFoundError(f"no data at {data_dir} (expected speech/<corpus>/manifest.tsv): pass --data DIR "
+                                f"or set FASTEM_DATA")
+    domain_names = cfg.domain_names()
+
+    info = dist_info(cfg.device)
+    try:
+        device = _resolve_device(cfg, info)
+        if engine is None:
+            engine = make_engine(cfg, device)
+        model_name = getattr(engine, "model_name", cfg.model)
+
+        skipped = []
+        if getattr(engine, "english_only", False):
+            skipped = [d for d in domain_names if DOMAINS[d].language != "en"]
+            if skipped and info.is_main:
+                _log(f"model {model_name} is English-only: skipping non-English domains {skipped}")
+            domain_names = [d for d in domain_names if d not in skipped]
+
+        items = work_items(domain_names, data_dir, cfg.utts_per_domain, max_seconds=cfg.max_seconds)
+        mine = shard(items, info.rank, info.world_size)
+
+        overrides = cfg.adapt_overrides()
+        adapt_cfgs = {m: resolved_adapt_config(overrides, m) for m in methods if m != "none"}
+        hashes = {(d, m): config_hash(m, DOMAINS[d], cfg.data_seed, adapt_cfgs.get(m), cfg.max_new_tokens)
+                  for d in domain_names for m in methods}
+
+        shard_dir = out / "shards"
+        existing = {}
+        for row in _report.read_jsonl(sorted(shard_dir.glob("rank*.jsonl"))):
+            try:
+                existing.setdefault(row_key(row), row)
+            except KeyError:
+                continue
+        _barrier(info)  # everyone has read the shards before anyone appends to them
+        my_file = shard_dir / f"rank{info.rank}.jsonl"
+
+        todo: list[tuple[WorkItem, list[str]]] = []
+        for it in mine:
+            pending = [m for m in methods if (model_name, it.domain, it.utt_id, m, hashes[(it.domain, m)]) not in existing]
+            if pending:
+                todo.append((it, pending))
+        n_units = sum(len(p) for _, p in todo)
+        n_cached = sum(len(methods) for _ in mine) - n_units
+        if info.is_main:
+            _log(f"{len(items)} items ({len(domain_names)} domains) x {len(methods)} methods on {info.world_size} "
+                 f"process(es); this rank: {len(mine)} items, {n_cached} rows cached, {n_units} to run; "
+                 f"model {model_name} on {device}")
+
+        new_rows: list[dict] = []
+        errors: list[dict] = []
+        pbar = None
+        if cfg.progress and info.is_main and n_units:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=n_units, desc=f"wer_domains[{info.rank}]", unit="run", dynamic_ncols=True,
+                        file=sys.stderr)
+        for it, pending in todo:
+            dom = DOMAINS[it.domain]
+            audio = dom.load(it.utt, seed=cfg.data_seed, data_dir=data_dir)
+            base = {
+                "model": model_name, "domain": it.domain, "domain_kind": dom.kind, "utt_id": it.utt_id,
+                "corpus": it.utt.corpus, "speaker": it.utt.speaker, "language": dom.language, "ref": it.utt.text,
+                "audio_seconds": audio.numel() / SAMPLE_RATE, "bench_version": BENCH_VERSION,
+            }
+            before: str | None = None
+            for m in [m for m in pending if m != "none"]:
+                if pbar is not None:
+                    pbar.set_postfix_str(f"{it.domain} {it.utt.id} {m}", refresh=False)
+                try:
+                    res = engine.adapt(audio, dom.language, m, overrides)
+                except Exception as err:  # noqa: BLE001 - recorded, retried on the next run
+                    if cfg.fail_fast:
+                        raise
+                    errors.append({**base, "method": m, "error": repr(err), "traceback": traceback.format_exc()})
+                    _log(f"ERROR {it.domain} {it.utt_id} {m}: {err!r}", info)
+                    if pbar is not None:
+                        pbar.update(1)
+                    continue
+                if before is None:
+                    before = res.text_before
+                elif res.text_before != before:
+                    _log(f"warning: text_before differs between methods for {it.domain} {it.utt_id}", info)
+                e, n = _report.score(it.utt.text, res.text, dom.language)
+                eb, _ = _report.score(it.utt.text, res.text_before, dom.language)
+                row = {**base, "method": m, "config_hash": hashes[(it.domain, m)], "hyp": res.text,
+                       "text_before": res.text_before, "errors": e, "ref_words": n, "errors_before": eb,
+                       "seconds": res.seconds, "rtf": res.seconds / max(base["audio_seconds"], 1e-9),
+                       "sample_tokens": res.sample_tokens, "sample_seconds": res.sample_seconds,
+                       "tokens_per_s": (res.sample_tokens / res.sample_seconds
+                                        if res.sample_tokens is not None and res.sample_seconds else None),
+                       "adapt": adapt_cfgs[m], **_history_summary(res.history)}
+                _append_row(my_file, row)
+                new_rows.append(row)
+                if pbar is not None:
+                    pbar.update(1)
+            if "none" in pending:
+                try:
+                    if before is not None and not cfg.time_none:
+                        hyp, secs, source = before, None, "adapt.text_before"
+                    else:
+                        hyp, secs = engine.transcribe(audio, dom.language, max_new_tokens=cfg.max_new_tokens)
+                        source = "transcribe"
+                        if before is not None and hyp != before:
+                            _log(f"warning: transcribe != text_before for {it.domain} {it.utt_id}", info)
+                except Exception as err:  # noqa: BLE001
+                    if cfg.fail_fast:
+                        raise
+                    errors.append({**base, "method": "none", "error": repr(err), "traceback": traceback.format_exc()})
+                    _log(f"ERROR {it.domain} {it.utt_id} none: {err!r}", info)
+                else:
+                    e, n = _report.score(it.utt.text, hyp, dom.language)
+                    row = {**base, "method": "none", "config_hash": hashes[(it.domain, "none")], "hyp": hyp,
+                           "errors": e, "ref_words": n, "seconds": secs,
+                           "rtf": None if secs is None else secs / max(base["audio_seconds"], 1e-9),
+                           "sample_tokens": None, "sample_seconds": None, "tokens_per_s": None, "source": source}
+                    _append_row(my_file, row)
+                    new_rows.append(row)
+                if pbar is not None:
+                    pbar.update(1)
+        if pbar is not None:
+            pbar.close()
+        if errors:
+            for err in errors:
+                _append_row(out / "errors" / f"rank{info.rank}.jsonl", err)
+
+        # Rows of this rank's items: cached + new.
+        wanted = {(model_name, it.domain, it.utt_id, m, hashes[(it.domain, m)]) for it in mine for m in methods}
+        my_rows = {k: r for k, r in existing.items() if k in wanted}
+        for r in new_rows:
+            my_rows[row_key(r)] = r
+        gathered = _gather(list(my_rows.values()), info)
+        n_errors = sum(_gather([len(errors)], info) or [0]) if info.distributed else len(errors)
+        if not info.is_main:
+            return None
+
+        rows = _report.rescore_rows(_sort_rows(gathered, items, methods))
+        missing = len(items) * len(methods) - len(rows)
+        (out).mkdir(parents=True, exist_ok=True)
+        with open(out / "rows.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+        meta = {
+            "model": model_name, "profile": cfg.profile, "engine": cfg.engine, "device": device,
+            "world_size": info.world_size, "domains": domain_names, "skipped_domains": skipped,
+            "utts_per_domain": cfg.utts_per_domain, "methods": methods,
+            "steps": cfg.steps, "lr": cfg.lr, "num_samples": cfg.num_samples, "params": cfg.params,
+            "temperature": cfg.temperature, "seed": cfg.seed, "data_seed": cfg.data_seed,
+            "max_seconds": cfg.max_seconds, "max_new_tokens": cfg.max_new_tokens,
+            "adapt_options": cfg.adapt_options, "adapt_config": next(({k: v for k, v in c.items() if k != "objective"} for c in adapt_cfgs.values()), None),
+            "items": len(items), "rows": len(rows), "missing_rows": missing, "errors": n_errors,
+            "data_dir": str(data_dir), "bench_version": BENCH_VERSION,
+            "run_seconds": round(time.perf_counter() - t_run, 1),
+        }
+        summary = _report.write_report(rows, out, domains=domain_names, methods=methods, meta=meta, figure=cfg.figure)
+        return summary
+    finally:
+        if info.initialized_here:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier(group=info.group)
+
+
+def _gather(obj: list, info: DistInfo) -> list:
+    """Concatenate every rank's list on rank 0 (rank order); other ranks get []."""
+    if not info.distributed:
+        return list(obj)
+    import torch.distributed as dist
+
+    parts: list | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, parts, dst=0, group=info.group)
+    if not info.is_main:
+        return []
+    return [x for part in parts for x in (part or [])]
