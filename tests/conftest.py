@@ -16,3 +16,35 @@ if not torch.cuda.is_available():
 
 # Test helper modules (tiny_whisper, kernel_testing) live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# --- Real data, real weights and the model cache (used by test_models / test_audio) ----------
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The DEV data folder: ``$FASTEM_DATA`` or ``<repo>/../shared/data``; skips when absent."""
+    candidates = [os.environ.get("FASTEM_DATA"), REPO_ROOT.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "speech").is_dir():
+            return Path(candidate)
+    pytest.skip("shared DEV data not found (set FASTEM_DATA or place it at <repo>/../shared/data)")
+
+
+@pytest.fixture(scope="session")
+def fastem_cache_dir(tmp_path_factory):
+    """A throw-away ``FASTEM_CACHE`` for the whole session (converted models are large: removed after)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("fastem-cache")
+    old = os.environ.get("FASTEM_CACHE")
+    os.environ["FASTEM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FASTEM_CACHE", None)
+    else:
+        os.environ["FASTEM_CACHE"] = old
+    shutil.rmtree(path, ignore_errors=True)
