@@ -34,17 +34,22 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return backend
 
 
-def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, backend: str = "torch"):
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, *, backend: str = "torch",
+                inplace_backward: bool = False):
     """Per-row entropy of ``softmax(logits)`` and log-prob of ``targets``.
 
     ``logits [N, V]`` (any float dtype, computed in float32 or better), ``targets [N]`` int64
     with ``-100`` = ignore (logp 0).  Returns ``(entropy [N], logp [N])``, float32 (float64 for
     float64 input), differentiable w.r.t. ``logits``.
+
+    ``inplace_backward`` (Triton only; ignored by the reference): the backward writes the logits'
+    gradient over the logits buffer instead of allocating one.  Only for logits nothing else reads
+    afterwards (see :func:`fastem.kernels.token_stats.token_stats_triton`).
     """
     if resolve_backend(backend, logits) == "triton":
         from .kernels.token_stats import token_stats_triton
 
-        return token_stats_triton(logits, targets)
+        return token_stats_triton(logits, targets, inplace_backward=inplace_backward)
     return token_stats_reference(logits, targets)
 
 

@@ -1,0 +1,122 @@
+"""Helpers shared by the kernel tests.
+
+* ``DEVICE``: CUDA when present, else CPU, where the kernels run in Triton's interpreter
+  (``TRITON_INTERPRET=1``, set here as well as in conftest, before any kernel is first called).
+* ``fresh_seed``: a new seed per test run (inputs are random every run); ``FASTEM_TEST_SEED``
+  pins it to reproduce a failure, and every assertion message carries it.
+* ``check_close``: the Cut-Cross-Entropy criterion.  A result computed from inputs of some dtype is
+  compared with a float64 reference; it may deviate by as much as the same-dtype PyTorch
+  reference deviates (elementwise), plus a small tolerance.  NaN anywhere fails.
+* ``poison_empty``: a context manager making ``torch.empty``/``torch.empty_like`` return NaN-filled
+  float tensors, so an output element a kernel forgot to write shows up as NaN.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Last-place size of each output dtype: a result rounded to it may sit one unit away from the
+# reference's own rounding.
+ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
+
+
+def fresh_seed() -> int:
+    pinned = os.environ.get("FASTEM_TEST_SEED")
+    return int(pinned) if pinned else random.SystemRandom().randrange(2 ** 31)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, gen: torch.Generator, dtype=torch.float64, device=DEVICE) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def rand(*shape, gen: torch.Generator, dtype=torch.float64, device=DEVICE) -> torch.Tensor:
+    return torch.rand(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def randint(high: int, shape, gen: torch.Generator, device=DEVICE) -> torch.Tensor:
+    return torch.randint(0, high, tuple(shape), generator=gen).to(device)
+
+
+def check_close(name: str, got: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor | None, *, seed: int,
+                atol: float = 0.0, rtol: float = 0.0, mode: str = "elementwise") -> None:
+    """Assert ``|got - ref64| <= |ref_same - ref64| + atol + rtol * |ref64|`` elementwise, and no NaN.
+
+    Infinities must match exactly.  ``ref_same=None`` drops the first term (float64 results).
+
+    ``mode="norm"`` is for results that sum many rounded terms (the matmul gradients of the fused
+    linear op, computed from a half-precision dlogits buffer like eager's): their errors are random
+    walks, independent between the kernel and the reference, so an element-by-element comparison
+    is a coin toss.  There the error's RMS must not exceed the reference's RMS error, and its max
+    not twice the reference's max error (each plus ``atol + rtol * max|ref64|``).
+    """
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)} (seed={seed})"
+    g = got.detach().double().cpu()
+    r = ref64.detach().double().cpu()
+    nan = torch.isnan(g)
+    assert not nan.any(), (f"{name}: {int(nan.sum())} NaN of {g.numel()} (first at {nan.nonzero()[0].tolist()}) "
+                           f"(seed={seed})")
+    inf = torch.isinf(r) | torch.isinf(g)
+    assert torch.equal(g[inf], r[inf]), f"{name}: infinities differ (seed={seed})"
+    if mode == "norm":
+        fin = ~inf
+        err = (g - r)[fin].abs()
+        ref_err = (ref_same.detach().double().cpu() - r)[fin].abs() if ref_same is not None else torch.zeros_like(err)
+        slack = atol + rtol * (r[fin].abs().max().item() if fin.any() else 0.0)
+        rms, ref_rms = err.pow(2).mean().sqrt().item(), ref_err.pow(2).mean().sqrt().item()
+        mx, ref_mx = err.max().item(), ref_err.max().item()
+        assert rms <= ref_rms + slack and mx <= 2 * ref_mx + slack, (
+            f"{name}: error rms {rms:.3g} / max {mx:.3g} vs same-dtype reference rms {ref_rms:.3g} / max {ref_mx:.3g} "
+            f"(slack {slack:.3g}) (seed={seed})")
+        return
+    bound = atol + rtol * r.abs()
+    if ref_same is not None:
+        bound = bound + (ref_same.detach().double().cpu() - r).abs()
+    err = (g - r).abs()
+    bad = (err > bound) & ~inf
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        excess = (err - bound)[~inf].max().item()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {g.numel()} elements off; first at {list(idx)}: got {g[idx].item():.9g}, "
+            f"float64 {r[idx].item():.9g}, allowed {bound[idx].item():.3g} (worst excess {excess:.3g}) (seed={seed})")
+
+
+@contextlib.contextmanager
+def poison_empty():
+    """Within the block, uninitialised float tensors from torch.empty / empty_like are NaN."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty, torch.empty_like = empty, empty_like
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def grads_of(outputs, inputs, grad_outputs):
+    """``torch.autograd.grad`` that returns None for inputs the outputs do not depend on."""
+    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
