@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="adapt on a bundled real clip with real noise added; print WER before/after")
     _add_method_args(d, default_steps=AdaptConfig().steps)
-    d.add_argument("--snr", type=float, default=5.0, help="signal-to-noise ratio of the added noise in dB")
+    d.add_argument("--snr", type=float, default=-3.0, help="signal-to-noise ratio of the added noise in dB")
     return parser
 
 

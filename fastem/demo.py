@@ -30,8 +30,8 @@ def noisy_sample(snr_db: float) -> tuple[torch.Tensor, str, str]:
     return noisy, reference, f"{speech_path.name} + {noise_path.name} at {snr_db:g} dB SNR"
 
 
-def run_demo(*, model_name: str = "base", device=None, snr_db: float = 5.0, config: AdaptConfig | None = None,
-             language: str | None = None) -> int:
+def run_demo(*, model_name: str = "base", device=None, snr_db: float = -3.0,
+             config: AdaptConfig | None = None, language: str | None = None) -> int:
     from .models import load_whisper
     from .text import word_errors
 
