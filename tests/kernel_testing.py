@@ -3,7 +3,10 @@
 * ``DEVICE``: CUDA when present, else CPU, where the kernels run in Triton's interpreter
   (``TRITON_INTERPRET=1``, set here as well as in conftest, before any kernel is first called).
 * ``fresh_seed``: a new seed per test run (inputs are random every run); ``FASTEM_TEST_SEED``
-  pins it to reproduce a failure, and every assertion message carries it.
+  pins it to reproduce a failure, and every assertion message carries it.  The ``seed`` fixture
+  returns one (test modules import it: ``from kernel_testing import seed``).
+* ``INTERPRETER_WARNINGS``: the kernel test modules' ``pytestmark`` (numpy's RuntimeWarnings
+  inside Triton's interpreter are expected).
 * ``check_close``: the Cut-Cross-Entropy criterion.  A result computed from inputs of some dtype is
   compared with a float64 reference; it may deviate by as much as the same-dtype PyTorch
   reference deviates (elementwise), plus a small tolerance.  NaN anywhere fails.
@@ -16,6 +19,7 @@ import contextlib
 import os
 import random
 
+import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,6 +35,15 @@ ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 
 def fresh_seed() -> int:
     pinned = os.environ.get("FASTEM_TEST_SEED")
     return int(pinned) if pinned else random.SystemRandom().randrange(2 ** 31)
+
+
+INTERPRETER_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh (or ``FASTEM_TEST_SEED``-pinned) seed for the test."""
+    return fresh_seed()
 
 
 def generator(seed: int) -> torch.Generator:

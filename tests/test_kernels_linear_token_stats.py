@@ -9,19 +9,15 @@ import pytest
 import torch
 
 import kernel_testing as kt  # sets TRITON_INTERPRET=1 on CPU before any kernel is built
+from kernel_testing import seed  # noqa: F401  (the fixture)
 from fastem import ops
 from fastem.kernels.linear_token_stats import (_lts_forward, linear_token_stats_reference,
                                                linear_token_stats_triton)
 from fastem.kernels.token_stats import IGNORE_INDEX
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warnings inside the interpreter
+pytestmark = kt.INTERPRETER_WARNINGS  # numpy warnings inside the interpreter
 
 DEV = kt.DEVICE
-
-
-@pytest.fixture
-def seed():
-    return kt.fresh_seed()
 
 
 def make_problem(N: int, D: int, V: int, gen, *, bias: bool = True, scale: float = 1.0):

@@ -14,18 +14,14 @@ import pytest
 import torch
 
 import kernel_testing as kt  # sets TRITON_INTERPRET=1 on CPU before any kernel is built
+from kernel_testing import seed  # noqa: F401  (the fixture)
 from fastem import ops
 from fastem.kernels.token_stats import (IGNORE_INDEX, _token_stats_bwd, _token_stats_fwd, token_stats_reference,
                                         token_stats_triton)
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warnings inside the interpreter
+pytestmark = kt.INTERPRETER_WARNINGS  # numpy warnings inside the interpreter
 
 DEV = kt.DEVICE
-
-
-@pytest.fixture
-def seed():
-    return kt.fresh_seed()
 
 
 def special_rows(V: int, gen: torch.Generator):

@@ -7,15 +7,24 @@ decorated at import time.  Two reasons:
 * Triton decides at *decoration* time whether a kernel runs compiled or in its interpreter
   (``TRITON_INTERPRET=1``).  Decorating lazily means the variable only has to be set before the
   first kernel *call*, not before the first ``import fastem``.
+
+Device helpers (functions a kernel calls, inlined by Triton) are module-level functions marked with
+:func:`device`.  :func:`jit` builds, per module and interpreter mode, one namespace: a copy of the
+module's globals with ``triton``, ``tl`` and every marked helper replaced by its ``triton.jit``
+build of that mode, and re-binds the kernel and the helpers to it.  A kernel body just calls the
+helper by its module-level name; the module itself is left as it is (plain functions), so the
+compiled and the interpreted builds never see each other's helpers.
 """
 from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 
-__all__ = ["import_triton", "interpreting", "jit", "num_sms", "next_power_of_2", "check_tensors", "dot_precision"]
+__all__ = ["import_triton", "interpreting", "device", "jit", "acc_dtype", "stats_outputs", "num_sms", "next_power_of_2",
+           "check_tensors", "dot_precision"]
 
 
 def import_triton():
@@ -38,25 +47,72 @@ def interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+_DEVICE_MARK = "__fastem_triton_device__"
 _JIT_CACHE: dict = {}
+_NAMESPACES: dict = {}
+
+
+def device(fn):
+    """Mark a module-level function as a Triton device helper: within kernels built by :func:`jit`
+    from the same module, its name refers to its ``triton.jit`` build (of the same mode).  Returns
+    ``fn`` itself, so importing the module still needs no Triton."""
+    setattr(fn, _DEVICE_MARK, True)
+    return fn
+
+
+def _rebind(fn, namespace: dict):
+    """``fn`` with ``namespace`` as its globals (same code, so same source, file and lines)."""
+    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__module__, new.__qualname__, new.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    new.__annotations__ = dict(fn.__annotations__)
+    return new
+
+
+def _namespace(module_globals: dict, interp: bool) -> dict:
+    """The globals the kernels of one module run with, in one mode (see the module docstring)."""
+    key = (module_globals["__name__"], interp)
+    namespace = _NAMESPACES.get(key)
+    if namespace is None:
+        triton, tl = import_triton()
+        namespace = dict(module_globals)
+        namespace.setdefault("triton", triton)
+        namespace.setdefault("tl", tl)
+        for name, value in module_globals.items():
+            if isinstance(value, types.FunctionType) and getattr(value, _DEVICE_MARK, False):
+                namespace[name] = triton.jit(_rebind(value, namespace))
+        _NAMESPACES[key] = namespace
+    return namespace
 
 
 def jit(module_globals: dict, fn, **jit_kwargs):
     """``triton.jit(fn)``, built on first use and cached per (function, interpreter mode).
 
-    ``triton`` and ``triton.language as tl`` are injected into ``module_globals`` (the kernel's
-    ``__globals__``) so that the kernel body can use ``tl`` like a decorated kernel would.
+    ``fn`` runs with the module's namespace of that mode (:func:`_namespace`): its body can use
+    ``tl`` like a decorated kernel would, and call the module's :func:`device` helpers.
     """
     interp = interpreting()
     key = (fn.__module__, fn.__qualname__, interp)
     kernel = _JIT_CACHE.get(key)
     if kernel is None:
-        triton, tl = import_triton()
-        module_globals.setdefault("triton", triton)
-        module_globals.setdefault("tl", tl)
-        kernel = triton.jit(fn, **jit_kwargs)
+        triton, _ = import_triton()
+        kernel = triton.jit(_rebind(fn, _namespace(module_globals, interp)), **jit_kwargs)
         _JIT_CACHE[key] = kernel
     return kernel
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation (and statistics) dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stats_outputs(N: int, acc: torch.dtype, device: torch.device, out: tuple | None = None) -> tuple:
+    """The forward launchers' outputs ``(entropy [N], logp [N], lse2 [2, N])`` of dtype ``acc``, or
+    ``out`` (tests pass them preallocated)."""
+    if out is None:
+        out = (torch.empty(N, dtype=acc, device=device), torch.empty(N, dtype=acc, device=device),
+               torch.empty(2, N, dtype=acc, device=device))
+    return out
 
 
 @functools.lru_cache(maxsize=None)

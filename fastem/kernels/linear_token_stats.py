@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _triton_utils as tu
 from .token_stats import IGNORE_INDEX, token_stats_reference
 
 __all__ = ["linear_token_stats_reference", "linear_token_stats_triton", "LinearTokenStatsFunction"]
@@ -82,6 +83,42 @@ def linear_token_stats_reference(hidden: torch.Tensor, weight: torch.Tensor, tar
 # Triton kernels (plain functions, ``triton.jit``-ed on first use; see _triton_utils.jit)
 # ----------------------------------------------------------------------------------------------
 
+@tu.device
+def _logits_tile(h_ptr, w_ptr, bias_ptr, rows_ld, cols, col_mask, V, D,
+                 stride_hn, stride_hd, stride_wv, stride_wd, stride_bias,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, ACC: tl.constexpr, DOT_CAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The logit tile ``hidden[rows_ld] @ weight[cols].T (+ bias[cols])`` ``[BLOCK_N, BLOCK_V]`` in ``ACC``:
+    one ``tl.dot`` accumulation over ``D`` in ``BLOCK_K`` steps (device helper, inlined by Triton;
+    the forward and the dlogits kernels share it, so their logits agree bit for bit).
+
+    Rows / columns past the end load wrapped (``rows_ld = rows % N``, ``cols % V``) in-bounds data
+    instead of being masked, so the K loop needs no mask when ``EVEN_K`` (D % BLOCK_K == 0); the
+    callers' epilogues mask them out.  ``col_mask`` masks the bias load only."""
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows_ld[:, None] * stride_hn + offs_k[None, :] * stride_hd
+    w_ptrs = w_ptr + (cols % V).to(tl.int64)[None, :] * stride_wv + offs_k[:, None] * stride_wd
+    acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = (k0 + offs_k) < D
+            h = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if DOT_CAST:
+            h = h.to(ACC)
+            w = w.to(ACC)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION, out_dtype=ACC)
+        h_ptrs += BLOCK_K * stride_hd
+        w_ptrs += BLOCK_K * stride_wd
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0).to(ACC)
+        acc = acc + bias[None, :]
+    return acc
+
+
 def _lts_fwd_kernel(h_ptr, w_ptr, bias_ptr, y_ptr, pm_ptr, pd_ptr, pb_ptr, pz_ptr,
                     N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_bias,
                     tiles_per_split,
@@ -94,7 +131,6 @@ def _lts_fwd_kernel(h_ptr, w_ptr, bias_ptr, y_ptr, pm_ptr, pd_ptr, pb_ptr, pz_pt
     rows64 = rows.to(tl.int64)
     rows_ld = (rows % N).to(tl.int64)
     y = tl.load(y_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
 
     m = tl.full([BLOCK_N], float("-inf"), ACC)
@@ -106,28 +142,10 @@ def _lts_fwd_kernel(h_ptr, w_ptr, bias_ptr, y_ptr, pm_ptr, pd_ptr, pb_ptr, pz_pt
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + offs_v
         col_mask = cols < V
-        # Rows / columns past the end load wrapped (``% N``, ``% V``) in-bounds data instead of being
-        # masked, so the K loop needs no mask when D % BLOCK_K == 0; the epilogue masks them out.
-        h_ptrs = h_ptr + rows_ld[:, None] * stride_hn + offs_k[None, :] * stride_hd
-        w_ptrs = w_ptr + (cols % V).to(tl.int64)[None, :] * stride_wv + offs_k[:, None] * stride_wd
-        acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
-        for k0 in range(0, D, BLOCK_K):
-            if EVEN_K:
-                h = tl.load(h_ptrs)
-                w = tl.load(w_ptrs)
-            else:
-                k_mask = (k0 + offs_k) < D
-                h = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-            if DOT_CAST:
-                h = h.to(ACC)
-                w = w.to(ACC)
-            acc = tl.dot(h, w, acc, input_precision=PRECISION, out_dtype=ACC)
-            h_ptrs += BLOCK_K * stride_hd
-            w_ptrs += BLOCK_K * stride_wd
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0).to(ACC)
-            acc = acc + bias[None, :]
+        # rows / columns past the end are computed from wrapped data; masked out here
+        acc = _logits_tile(h_ptr, w_ptr, bias_ptr, rows_ld, cols, col_mask, V, D,
+                           stride_hn, stride_hd, stride_wv, stride_wd, stride_bias,
+                           HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, ACC, DOT_CAST, PRECISION)
         z = tl.where(col_mask[None, :], acc, float("-inf"))
         zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -202,28 +220,10 @@ def _lts_dlogits_kernel(h_ptr, w_ptr, bias_ptr, y_ptr, mx_ptr, logd_ptr, ent_ptr
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)     # column inside the chunk
     col_mask = local < v_count
     cols = v_start + local
-    offs_k = tl.arange(0, BLOCK_K)
-    rows_ld = (rows % N).to(tl.int64)          # wrapped, in-bounds loads (see the forward)
-    h_ptrs = h_ptr + rows_ld[:, None] * stride_hn + offs_k[None, :] * stride_hd
-    w_ptrs = w_ptr + (cols % V).to(tl.int64)[None, :] * stride_wv + offs_k[:, None] * stride_wd
-    acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
-    for k0 in range(0, D, BLOCK_K):
-        if EVEN_K:
-            h = tl.load(h_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = (k0 + offs_k) < D
-            h = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        if DOT_CAST:
-            h = h.to(ACC)
-            w = w.to(ACC)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION, out_dtype=ACC)
-        h_ptrs += BLOCK_K * stride_hd
-        w_ptrs += BLOCK_K * stride_wd
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0).to(ACC)
-        acc = acc + bias[None, :]
+    rows_ld = (rows % N).to(tl.int64)          # wrapped, in-bounds loads (see _logits_tile)
+    acc = _logits_tile(h_ptr, w_ptr, bias_ptr, rows_ld, cols, col_mask, V, D,
+                       stride_hn, stride_hd, stride_wv, stride_wd, stride_bias,
+                       HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, ACC, DOT_CAST, PRECISION)
 
     mx = tl.load(mx_ptr + rows, mask=row_mask, other=0.0).to(ACC)
     log_d = tl.load(logd_ptr + rows, mask=row_mask, other=0.0).to(ACC)
@@ -282,8 +282,6 @@ def _check(hidden, weight, targets, bias):
 
 
 def _launch_args(hidden, weight, bias):
-    from . import _triton_utils as tu
-
     _, tl = tu.import_triton()
     interp = tu.interpreting()
     acc_t = tl.float64 if hidden.dtype == torch.float64 else tl.float32
@@ -291,21 +289,18 @@ def _launch_args(hidden, weight, bias):
     cfg = _config(hidden.dtype, interp)
     bias_arg = bias if bias is not None else hidden   # any pointer; never read without HAS_BIAS
     stride_bias = bias.stride(0) if bias is not None else 0
-    return tu, interp, acc_t, dot_cast, cfg, bias_arg, stride_bias
+    return acc_t, dot_cast, cfg, bias_arg, stride_bias
 
 
 def _lts_forward(hidden, weight, targets, bias=None, *, num_splits: int | None = None, out: tuple | None = None):
     """Forward launch: ``(entropy [N], logp [N], lse2 [2, N])`` in float32 (float64 for float64 inputs),
     ``lse2 = (row max, log sum exp(z - max))``."""
-    tu, interp, acc_t, dot_cast, cfg, bias_arg, stride_bias = _launch_args(hidden, weight, bias)
+    acc_t, dot_cast, cfg, bias_arg, stride_bias = _launch_args(hidden, weight, bias)
     tu.check_tensors(hidden, weight, targets, *(() if bias is None else (bias,)))
     N, D = hidden.shape
     V = weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if out is None:
-        out = (torch.empty(N, dtype=acc, device=hidden.device), torch.empty(N, dtype=acc, device=hidden.device),
-               torch.empty(2, N, dtype=acc, device=hidden.device))
-    ent, logp, lse = out
+    acc = tu.acc_dtype(hidden.dtype)
+    ent, logp, lse = tu.stats_outputs(N, acc, hidden.device, out)
     if N == 0:
         return ent, logp, lse
     BN, BV, BK = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_K"]
@@ -335,7 +330,7 @@ def _lts_forward(hidden, weight, targets, bias=None, *, num_splits: int | None =
 
 def _lts_dlogits_chunk(hidden, weight, targets, bias, lse, entropy, gh, gl, v_start, v_count, out):
     """Write ``dlogits[:, v_start:v_start+v_count]`` into ``out[:, :v_count]`` (``out`` unit column stride)."""
-    tu, interp, acc_t, dot_cast, cfg, bias_arg, stride_bias = _launch_args(hidden, weight, bias)
+    acc_t, dot_cast, cfg, bias_arg, stride_bias = _launch_args(hidden, weight, bias)
     N, D = hidden.shape
     V = weight.shape[0]
     BN, BV, BK = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_K"]
@@ -391,8 +386,6 @@ def _lts_backward(hidden, weight, targets, bias, lse, entropy, grad_entropy, gra
                   need_hidden: bool, need_weight: bool, need_bias: bool, chunk_bytes: int,
                   chunk_buffer: torch.Tensor | None = None):
     """Gradients ``(grad_hidden, grad_weight, grad_bias)`` (None where not needed)."""
-    from . import _triton_utils as tu
-
     N, D = hidden.shape
     V = weight.shape[0]
     acc_dtype = lse.dtype

@@ -208,11 +208,7 @@ def _token_stats_fwd(logits: torch.Tensor, targets: torch.Tensor, *, out: tuple 
 
     tu.check_tensors(logits, targets)
     N, V = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if out is None:
-        out = (torch.empty(N, dtype=acc, device=logits.device), torch.empty(N, dtype=acc, device=logits.device),
-               torch.empty(2, N, dtype=acc, device=logits.device))
-    ent, logp, lse = out
+    ent, logp, lse = tu.stats_outputs(N, tu.acc_dtype(logits.dtype), logits.device, out)
     if N == 0:
         return ent, logp, lse
     BLOCK_V, num_warps = _block_v(V, logits.dtype, block_v)
