@@ -9,7 +9,7 @@ import fastem
 CLIPS = [  # (corpus, utterance id, language passed to adapt: None = detected)
     ("kathleen", "arctic_a0011_1592748364", "en"),
     ("speechocean762", "000010140", "en"),
-    ("fillets_nl", "airplane_let-m-divna", None),
+    ("fillets_nl", "crabshow_sec-v-pockej", None),  # 5.6 s: long enough to detect Dutch (a 2.6 s line reads as German)
 ]
 
 
