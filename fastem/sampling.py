@@ -105,8 +105,6 @@ def _head(model):
     return model.get_output_embeddings()
 
 
-LANGUAGE_NAMES: dict[str, str] | None = None
-
 
 def language_code(language: str) -> str:
     """``"en"``, ``"english"`` or ``"<|en|>"`` -> ``"en"``."""

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastem.bench import report
 from fastem.bench.data import default_data_dir, write_synthetic_dataset

@@ -53,7 +53,9 @@ def _fastem_text():
 
 
 def scorer_name() -> str:
-    return "fastem.text.word_errors" if _fastem_text() is not None else "fastem.bench.report fallback (Whisper normalizers, no spelling map)"
+    if _fastem_text() is not None:
+        return "fastem.text.word_errors"
+    return "fastem.bench.report fallback (Whisper normalizers, no spelling map)"
 
 
 _FALLBACK_NORMALIZERS: dict[str, object] = {}

@@ -50,7 +50,12 @@ dot is wrong); the bits of the inputs are the same, only the products are formed
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # bound lazily at first launch (see _triton_utils.jit); named here for linters
+    import triton.language as tl
 
 from . import _triton_utils as tu
 from .token_stats import IGNORE_INDEX, token_stats_reference

@@ -19,7 +19,12 @@ autograd Function :class:`TokenStatsFunction`).  Triton is imported on the first
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # bound lazily at first launch (see _triton_utils.jit); named here for linters
+    import triton.language as tl
 
 IGNORE_INDEX = -100
 

@@ -21,7 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["CONVERTER_VERSION", "MANIFEST", "cache_root", "fingerprint", "entry_dir", "is_valid", "remove", "new_build_dir", "commit", "remove_stale"]
+__all__ = ["CONVERTER_VERSION", "MANIFEST", "cache_root", "fingerprint", "entry_dir", "is_valid", "remove", "new_build_dir",
+           "commit", "remove_stale"]
 
 logger = logging.getLogger(__name__)
 
