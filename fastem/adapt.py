@@ -235,10 +235,13 @@ def adapt(model, audio, *, processor=None, sampling_rate: int | None = 16000, la
                             "entropy": float((entropy.detach() * mask).sum() / n_tok),
                             "length": float(hyps.lengths.float().mean()), "seconds": time.perf_counter() - t0})
 
-        with torch.no_grad():
-            enc_after = encode(model, feats) if (encoder_trains and cfg.steps) else enc_fixed
-            after = decode(model, enc_after, prompt, greedy=True, max_new_tokens=budget)
-        text, tokens = _text(processor, prompt, after)
+        if cfg.steps:
+            with torch.no_grad():
+                enc_after = encode(model, feats) if encoder_trains else enc_fixed
+                after = decode(model, enc_after, prompt, greedy=True, max_new_tokens=budget)
+            text, tokens = _text(processor, prompt, after)
+        else:
+            text, tokens = text_before, tokens_before
         ok = True
     finally:
         snapshot.restore(values=cfg.episodic or not ok)
