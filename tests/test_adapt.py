@@ -12,16 +12,6 @@ from tiny_whisper import tiny_whisper
 adapt_module = importlib.import_module("fastem.adapt")  # the module; fastem.adapt is the function
 
 
-@pytest.fixture(scope="module")
-def processor():
-    from fastem.models import WeightsNotInstalledError, load_whisper
-
-    try:
-        return load_whisper("base")[1]  # the real multilingual tokenizer, which the tiny model's ids follow
-    except WeightsNotInstalledError as err:
-        pytest.skip(f"the bundled weights are not installed: {err}")
-
-
 @pytest.fixture
 def model():
     return tiny_whisper()

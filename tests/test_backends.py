@@ -7,16 +7,6 @@ from fastem import sampling
 from tiny_whisper import random_features, tiny_whisper
 
 
-@pytest.fixture(scope="module")
-def processor():
-    from fastem.models import WeightsNotInstalledError, load_whisper
-
-    try:
-        return load_whisper("base")[1]
-    except WeightsNotInstalledError as err:
-        pytest.skip(f"the bundled weights are not installed: {err}")
-
-
 def test_score_backends_agree():
     model = tiny_whisper()
     for p in model.parameters():

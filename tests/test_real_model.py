@@ -13,16 +13,6 @@ CLIPS = [  # (corpus, utterance id, language passed to adapt: None = detected)
 ]
 
 
-@pytest.fixture(scope="module")
-def base():
-    from fastem.models import WeightsNotInstalledError, load_whisper
-
-    try:
-        return load_whisper("base")
-    except WeightsNotInstalledError as err:
-        pytest.skip(f"bundled weights not installed: {err}")
-
-
 def _manifest_row(data, corpus, utt):
     with open(data / "speech" / corpus / "manifest.tsv", encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
@@ -32,8 +22,8 @@ def _manifest_row(data, corpus, utt):
 
 
 @pytest.mark.parametrize("corpus, utt, language", CLIPS)
-def test_adapt_real_base_on_real_speech_restores_the_model(base, shared_data_dir, corpus, utt, language):
-    model, processor = base
+def test_adapt_real_base_on_real_speech_restores_the_model(bundled_base, shared_data_dir, corpus, utt, language):
+    model, processor = bundled_base
     path, reference, lang = _manifest_row(shared_data_dir, corpus, utt)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
