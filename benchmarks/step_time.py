@@ -17,7 +17,7 @@ import torch
 import fastem
 from fastem import sampling
 from fastem.objective import em_loss
-from fastem.params import select_parameters
+from fastem.params import select_parameters, touches_encoder
 
 
 def main(argv=None) -> None:
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     named = select_parameters(model, args.params)
     for _, p in named:
         p.requires_grad_(True)
-    encoder_trains = any(".encoder." in f".{n}" for n, _ in named)
+    encoder_trains = touches_encoder(named)
     with torch.no_grad():
         enc_fixed = sampling.encode(model, feats)
     prompt = sampling.build_prompt(model, enc_fixed, "en")

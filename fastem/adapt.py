@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .objective import BASELINES, OBJECTIVES, em_loss
-from .params import PARAM_SETS, MasterWeights, ModelSnapshot, select_parameters
+from .params import PARAM_SETS, MasterWeights, ModelSnapshot, select_parameters, touches_encoder
 from .sampling import Hypotheses, Prompt, build_prompt, decode, encode, score
 
 __all__ = ["AdaptConfig", "AdaptResult", "adapt", "transcribe"]
@@ -189,7 +189,7 @@ def adapt(model, audio, *, processor=None, sampling_rate: int | None = 16000, la
     feats, seconds = _features(model, processor, audio, sampling_rate)
     named = select_parameters(model, cfg.params)
     adapted = [p for _, p in named]
-    encoder_trains = any(n.startswith("model.encoder.") or ".encoder." in f".{n}" for n, _ in named)
+    encoder_trains = touches_encoder(named)
     budget = _token_budget(cfg.max_new_tokens, seconds)
 
     snapshot = ModelSnapshot(model, adapted)

@@ -14,7 +14,12 @@ from torch import nn
 ParamSpec = Union[str, Callable[[str, nn.Parameter], bool]]
 PARAM_SETS = ("layernorm", "decoder", "encoder", "all")
 
-__all__ = ["PARAM_SETS", "select_parameters", "ModelSnapshot", "MasterWeights"]
+__all__ = ["PARAM_SETS", "select_parameters", "touches_encoder", "ModelSnapshot", "MasterWeights"]
+
+
+def _in_stack(name: str, stack: str) -> bool:
+    """Whether parameter ``name`` lies in the ``"encoder"`` or ``"decoder"`` stack."""
+    return f".{stack}." in f".{name}"
 
 
 def _layernorm_names(model: nn.Module) -> set[str]:
@@ -44,7 +49,7 @@ def select_parameters(model: nn.Module, which: ParamSpec = "layernorm") -> list[
         ln = _layernorm_names(model)
         chosen = [(n, p) for n, p in named if n in ln]
     elif which in ("decoder", "encoder"):
-        chosen = [(n, p) for n, p in named if f".{which}." in f".{n}"]
+        chosen = [(n, p) for n, p in named if _in_stack(n, which)]
     elif which == "all":
         chosen = named
     else:
@@ -53,6 +58,11 @@ def select_parameters(model: nn.Module, which: ParamSpec = "layernorm") -> list[
     if not chosen:
         raise ValueError(f"params={which!r} selects no parameter of this model")
     return chosen
+
+
+def touches_encoder(named: list[tuple[str, nn.Parameter]]) -> bool:
+    """Whether any selected parameter is in the encoder (then the encoder must run with grad each step)."""
+    return any(_in_stack(n, "encoder") for n, _ in named)
 
 
 class ModelSnapshot:

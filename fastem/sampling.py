@@ -244,7 +244,7 @@ def score(model, enc: torch.Tensor, prompt: Prompt, hyps: Hypotheses, *, tempera
     rows = hidden[sel].float() / temperature
     targets = tokens[sel]
     first = sel[1] == 0
-    weight = head.weight.float() if head.weight.dtype != torch.float32 else head.weight
+    weight = head.weight.float()  # no copy for float32 weights
     entropy = torch.zeros(k, steps, device=enc.device)
     logp = torch.zeros(k, steps, device=enc.device)
     for part, b in ((first, first_bias), (~first, bias)):

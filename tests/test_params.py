@@ -74,3 +74,11 @@ def test_master_weights_keep_small_updates():
     assert p.dtype == torch.bfloat16 and p[0].item() < 1.0
     f32 = nn.Parameter(torch.ones(3))
     assert MasterWeights([f32]).masters[0] is f32
+
+
+def test_touches_encoder(model):
+    from fastem.params import touches_encoder
+
+    assert touches_encoder(select_parameters(model, "layernorm"))
+    assert touches_encoder(select_parameters(model, "encoder"))
+    assert not touches_encoder(select_parameters(model, "decoder"))
