@@ -76,6 +76,33 @@ class Adapter:
         state.optimizer.load_state_dict(opt)
         state.steps_taken = steps
 
+    def state_dict(self) -> dict:
+        """What this adapter has learnt so far (adapted values, optimizer state, counters), to resume a
+        stream in another process with :meth:`load_state_dict` on an adapter made the same way."""
+        self._check_open()
+        values, opt, steps = self._save()
+        return {"values": values, "optimizer": opt, "steps_taken": steps,
+                "counters": {"calls": self.calls, "rollbacks": self.rollbacks, "resets": self.resets,
+                             "rejected_in_a_row": self._rejected_in_a_row}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of an adapter with the same model, parameter set and config."""
+        self._check_open()
+        values = state["values"]
+        mine = self._state.binding.tensors
+        if len(values) != len(mine) or any(tuple(v.shape) != tuple(t.shape) for v, t in zip(values, mine)):
+            raise ValueError("this state was saved by an adapter with other adapted parameters "
+                             f"({[tuple(v.shape) for v in values][:3]}... vs {[tuple(t.shape) for t in mine][:3]}...)")
+        if not all(bool(torch.isfinite(v).all()) for v in values):
+            raise ValueError("this state holds non-finite values")
+        values = [v.to(device=t.device, dtype=t.dtype) for v, t in zip(values, mine)]
+        self._rollback((values, state["optimizer"], int(state["steps_taken"])))
+        counters = state.get("counters", {})
+        self.calls = int(counters.get("calls", 0))
+        self.rollbacks = int(counters.get("rollbacks", 0))
+        self.resets = int(counters.get("resets", 0))
+        self._rejected_in_a_row = int(counters.get("rejected_in_a_row", 0))
+
     def _finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self._state.binding.tensors)
 

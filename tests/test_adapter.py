@@ -92,3 +92,37 @@ def test_silence_in_a_stream_is_skipped(model, processor):
     with fastem.Adapter(model, processor, **CFG) as adapter:
         r = adapter.adapt(torch.zeros(16000), **KW)
     assert r.skipped == "silence" and r.text == "" and adapter.calls == 0
+
+
+@pytest.mark.parametrize("params", ["layernorm", "decoder"])
+def test_state_dict_resumes_a_stream_in_a_new_adapter(model, processor, params, tmp_path):
+    """A stream saved after two calls and loaded into a fresh adapter goes on exactly as one adapter would."""
+    clips = [speechlike(seed=s) for s in (4, 5, 6)]
+    before = full_state(model)
+    with fastem.Adapter(model, processor, params=params, **CFG) as whole:
+        straight = [whole.adapt(c, **KW) for c in clips]
+    with fastem.Adapter(model, processor, params=params, **CFG) as first:
+        for c in clips[:2]:
+            first.adapt(c, **KW)
+        torch.save(first.state_dict(), tmp_path / "state.pt")
+    assert_same_state(model, before)
+    with fastem.Adapter(model, processor, params=params, **CFG) as second:
+        second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+        assert second.calls == 2
+        resumed = second.adapt(clips[2], **KW)
+    assert resumed.tokens_before == straight[2].tokens_before
+    assert resumed.tokens == straight[2].tokens
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight[2].history], rel=1e-5)
+    assert_same_state(model, before)
+
+
+def test_load_state_dict_refuses_another_parameter_set_and_non_finite_values(model, processor):
+    with fastem.Adapter(model, processor, params="layernorm:decoder", **CFG) as small:
+        state = small.state_dict()
+    with fastem.Adapter(model, processor, params="layernorm", **CFG) as adapter:
+        with pytest.raises(ValueError, match="other adapted parameters"):
+            adapter.load_state_dict(state)
+        bad = adapter.state_dict()
+        bad["values"][0][0, 0] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            adapter.load_state_dict(bad)
