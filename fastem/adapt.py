@@ -68,6 +68,10 @@ class AdaptConfig:
     max_length_ratio: the "length" guard: largest ratio of the adapted transcript's token count to the
                     unadapted one's, either way (with at least 4 tokens of difference).
 
+    min_entropy:    utterances whose unadapted greedy transcript has a mean next-token entropy below this
+                    (nats) are not adapted: the transcript is returned at the cost of transcribing it
+                    (``result.skipped == "confident"``); 0 adapts every utterance.
+
     The guard thresholds are loose on purpose: on the DEV screening (benchmarks/RESULTS.md) tighter
     ones (0.5 nats, ratio 1.5) rejected more corrections than damage.
     """
@@ -92,6 +96,7 @@ class AdaptConfig:
     guards: tuple = _guards.DEFAULT_GUARDS
     max_logp_drop: float = 1.5
     max_length_ratio: float = 2.0
+    min_entropy: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -123,6 +128,8 @@ class AdaptConfig:
         if not self.max_logp_drop > 0 or not self.max_length_ratio > 1:
             raise ValueError("max_logp_drop must be > 0 and max_length_ratio > 1, got "
                              f"{self.max_logp_drop!r}, {self.max_length_ratio!r}")
+        if not self.min_entropy >= 0.0:
+            raise ValueError(f"min_entropy must be >= 0 (nats per token; 0 adapts every utterance), got {self.min_entropy!r}")
         if not 0.0 <= self.em_coef <= 1.0:
             raise ValueError(f"em_coef must be in [0, 1], got {self.em_coef!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -150,15 +157,17 @@ class AdaptResult:
     text_before / tokens_before: greedy transcript of the model before adaptation.
     text_adapted / tokens_adapted: greedy transcript after adaptation, whether or not a guard fired.
     guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted).
-    scores:                      mean per-token log-probs behind the guards (``source_before``,
-                                 ``source_after``: the source model on each transcript).
+    scores:                      the evidence behind the gate and the guards: ``entropy_before`` (mean
+                                 next-token entropy along the unadapted greedy transcript), ``source_before``,
+                                 ``source_after`` (the source model's mean log-prob of each transcript).
     language:                    the language code used (given or detected), None if unknown.
     history:                     one dict per step: loss, entropy (mean token entropy of the step's
                                  hypotheses, before the update), length (mean tokens per hypothesis),
                                  seconds, and skipped (a non-finite loss or gradient: no update).
     seconds:                     wall time of the call (shared by the utterances of a batch).
     sample_tokens / sample_seconds: tokens drawn by the sampling loop and the time spent in it.
-    skipped:                     why nothing was adapted (e.g. "silence"), else None.
+    skipped:                     why nothing was adapted ("silence"; "confident": below ``min_entropy``),
+                                 else None.
     windows:                     for a recording over 30 s, the result of each window (cut at pauses,
                                  each adapted on its own); the fields above join them.
     """
@@ -418,37 +427,47 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
                 if over_now is not None else cross_source
             before = decode(model, cross_now, prompts, greedy=True, max_new_tokens=budgets, over=over_now, head=head)
         texts_before = _texts(processor, prompts, before)
+        scores: list[dict] = [{"entropy_before": e} for e in before.mean_entropy()]
 
-        optimizer = state.optimizer if state is not None else _make_optimizer(cfg, binding.tensors)
-        generators = [torch.Generator(device=feats.device).manual_seed(cfg.seed) for _ in range(n)]
+        # Utterances the model is already sure of are not adapted (cfg.min_entropy); the others go on.
+        active = [b for b in range(n) if cfg.steps and scores[b]["entropy_before"] >= cfg.min_entropy]
+        if len(active) < n and active:  # several episodic utterances, some confident: adapt the others
+            binding = Binding(model, binding.named, len(active))
+            prefix, enc_source = prefix[active], enc_source[active]
+            cross_source = CrossKV([k[active] for k in cross_source.keys], [v[active] for v in cross_source.values])
+        a_prompts, a_budgets = [prompts[b] for b in active], [budgets[b] for b in active]
+
         histories: list[list[dict]] = [[] for _ in range(n)]
         sample_seconds = 0.0
-        for step in range(cfg.steps):
-            cross = _cross(model, prefix, start, cross_fixed, binding.over, enc_source, cross_source)
-            hyps, entries = _step(model, cfg, binding, optimizer, cross, prompts, budgets, generators, head)
-            sample_seconds += hyps.seconds
-            for b, entry in enumerate(entries):
-                histories[b].append({"step": step, **entry})
-        if state is not None:
-            state.steps_taken += cfg.steps
-
-        scores: list[dict] = [{} for _ in range(n)]
-        texts_after = texts_before
-        if cfg.steps:
+        texts_after = list(texts_before)
+        if active:
+            optimizer = state.optimizer if state is not None else _make_optimizer(cfg, binding.tensors)
+            generators = [torch.Generator(device=feats.device).manual_seed(cfg.seed) for _ in active]
+            for step in range(cfg.steps):
+                cross = _cross(model, prefix, start, cross_fixed, binding.over, enc_source, cross_source)
+                hyps, entries = _step(model, cfg, binding, optimizer, cross, a_prompts, a_budgets, generators, head)
+                sample_seconds += hyps.seconds
+                for b, entry in zip(active, entries):
+                    histories[b].append({"step": step, **entry})
+            if state is not None:
+                state.steps_taken += cfg.steps
             with torch.no_grad():
                 cross = _cross(model, prefix, start, cross_fixed, binding.over, enc_source, cross_source)
-                after = decode(model, cross, prompts, greedy=True, max_new_tokens=budgets, over=binding.over, head=head)
-                texts_after = _texts(processor, prompts, after)
+                after = decode(model, cross, a_prompts, greedy=True, max_new_tokens=a_budgets, over=binding.over,
+                               head=head)
+                for b, text in zip(active, _texts(processor, a_prompts, after)):
+                    texts_after[b] = text
                 if "confidence" in cfg.guards:
                     if binding.direct:
                         snapshot.swap()  # the source model's values, for a moment
                     try:
-                        src = _mean_logp(model, cross_source, prompts,
-                                         [[texts_before[b][1], texts_after[b][1]] for b in range(n)], head)
+                        src = _mean_logp(model, cross_source, a_prompts,
+                                         [[texts_before[b][1], texts_after[b][1]] for b in active], head)
                     finally:
                         if binding.direct:
                             snapshot.swap()
-                    scores = [{"source_before": a, "source_after": z} for a, z in src]
+                    for b, (a, z) in zip(active, src):
+                        scores[b].update(source_before=a, source_after=z)
         if state is None and not cfg.episodic:
             binding.commit(0)
         ok = True
@@ -457,14 +476,17 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
 
     elapsed = time.perf_counter() - t_start
     results = []
-    for b, verdict in enumerate(_verdicts(cfg, texts_before, texts_after, scores, seconds)):
+    verdicts = _verdicts(cfg, texts_before, texts_after, scores, seconds)
+    for b, verdict in enumerate(verdicts if active else [None] * n):
         (tb, idb), (ta, ida) = texts_before[b], texts_after[b]
         text, ids = (tb, idb) if verdict else (ta, ida)
+        confident = bool(cfg.steps) and b not in active
         results.append(AdaptResult(text=text, text_before=tb, tokens=ids, tokens_before=idb,
                                    language=prompts[b].language, history=histories[b], seconds=elapsed,
                                    sample_tokens=sum(h["tokens"] for h in histories[b]), sample_seconds=sample_seconds,
                                    text_adapted=ta, tokens_adapted=ida, guard=verdict[0] if verdict else None,
-                                   guard_reason=verdict[1] if verdict else None, scores=scores[b]))
+                                   guard_reason=verdict[1] if verdict else None, scores=scores[b],
+                                   skipped="confident" if confident else None))
     return results
 
 

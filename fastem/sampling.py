@@ -59,7 +59,8 @@ class Hypotheses:
 
     ``tokens [R, T]`` holds the generated tokens (EOS included where reached; positions after a row's
     end hold EOS as padding), ``lengths [R]`` the number of real tokens per row, ``logp [R, T]`` the
-    log-probability each token had under the distribution it was drawn from (0 on padding).
+    log-probability each token had under the distribution it was drawn from (0 on padding); for greedy
+    decoding ``entropy [R, T]`` holds the entropy of each step's next-token distribution (else None).
     """
 
     tokens: torch.Tensor
@@ -67,6 +68,18 @@ class Hypotheses:
     logp: torch.Tensor
     groups: list[int]
     seconds: float = 0.0
+    entropy: torch.Tensor | None = None
+
+    def mean_entropy(self) -> list[float]:
+        """Greedy decoding: each utterance's mean next-token entropy (nats) along its first row."""
+        if self.entropy is None:
+            raise ValueError("only greedy decoding records the entropy of its steps")
+        out = []
+        for b in range(len(self.groups)):
+            r = self.rows_of(b).start
+            n = max(int(self.lengths[r]), 1)
+            out.append(float(self.entropy[r, :n].mean()))
+        return out
 
     @property
     def mask(self) -> torch.Tensor:
@@ -243,6 +256,7 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
     first_bias, bias = prompts[0].biases(head.vocab_size, device)
     tokens = torch.full((rows, steps), eos, dtype=torch.long, device=device)
     logps = torch.zeros((rows, steps), device=device)
+    entropy = torch.zeros((rows, steps), device=device) if greedy else None
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)
     for t in range(steps):
@@ -250,6 +264,7 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
         if greedy:
             log_probs = torch.log_softmax(logits, dim=-1)
             nxt = logits.argmax(-1)
+            entropy[live, t] = torch.special.entr(log_probs.exp()).sum(-1)
         else:
             log_probs = torch.log_softmax(logits / temperature, dim=-1)
             nxt = _sample(log_probs.exp(), owner[live], live, k, generators)
@@ -268,7 +283,7 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
                                  rows=owner[live])[:, -1]
     used = int(lengths.max())
     return Hypotheses(tokens=tokens[:, :used].clone(), lengths=lengths, logp=logps[:, :used].clone(), groups=groups,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, entropy=entropy[:, :used].clone() if greedy else None)
 
 
 def teacher_forced_hidden(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *,

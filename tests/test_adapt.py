@@ -1,4 +1,5 @@
 """fastem.adapt on a tiny random Whisper: restoration, failure safety, entropy descent, configuration."""
+import dataclasses
 import importlib
 import math
 
@@ -236,6 +237,7 @@ def test_transcribe_equals_generate_and_the_unadapted_transcript(model, processo
     (dict(objective="kl"), "objective"), (dict(baseline="ema"), "baseline"), (dict(params="heads"), "params"),
     (dict(temperature=0.0), "temperature"), (dict(hypotheses="beam"), "hypotheses"),
     (dict(optimizer="lbfgs"), "optimizer"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(min_entropy=-0.1), "min_entropy"), (dict(min_entropy=float("nan")), "min_entropy"),
 ])
 def test_bad_config_is_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -387,3 +389,41 @@ def test_one_sgd_step_moves_the_weights_by_minus_lr_times_the_gradient(model, pr
         assert moved[n].abs().max() > 0
         p.grad = None
         p.requires_grad_(False)
+
+
+def test_confident_utterances_are_not_adapted(model, processor):
+    """``min_entropy``: an utterance whose unadapted transcript is surer than the gate is returned as
+    transcribed, with no step taken; in a batch the others adapt exactly as they would alone."""
+    audios = [speechlike(2.0, seed=0), speechlike(1.2, seed=1), speechlike(2.6, seed=2)]
+    kwargs = dict(processor=processor, language="en", steps=2, num_samples=2, lr=1e-2, seed=5)
+    free = fastem.adapt_batch(model, audios, **kwargs)
+    ents = [r.scores["entropy_before"] for r in free]
+    assert all(e > 0 for e in ents) and len(set(ents)) == 3
+    gate = sorted(ents)[1]  # the lowest is gated, the other two adapt
+    before = full_state(model)
+    gated = fastem.adapt_batch(model, audios, min_entropy=gate, **kwargs)
+    assert_same_state(model, before)
+    for audio, f, g in zip(audios, free, gated):
+        if f.scores["entropy_before"] < gate:
+            assert g.skipped == "confident" and g.history == [] and g.guard is None
+            assert g.text == g.text_before == g.text_adapted == fastem.transcribe(model, audio, processor=processor,
+                                                                                  language="en")
+        else:
+            assert g.skipped is None and len(g.history) == 2
+            assert g.tokens == f.tokens and g.tokens_adapted == f.tokens_adapted
+            assert [h["loss"] for h in g.history] == pytest.approx([h["loss"] for h in f.history], rel=1e-4, abs=1e-4)
+    alone = fastem.adapt(model, audios[0], min_entropy=1e9, **kwargs)
+    assert alone.skipped == "confident" and alone.history == [] and alone.scores["entropy_before"] == pytest.approx(
+        ents[0], rel=1e-5)
+
+
+def test_a_confident_call_in_a_stream_changes_nothing(model, processor):
+    with fastem.Adapter(model, processor, steps=2, num_samples=2, lr=1e-2, guards=()) as adapter:
+        adapter.adapt(speechlike(seed=0), language="en")
+        learnt = adapter.state_dict()
+        adapter.config = dataclasses.replace(adapter.config, min_entropy=1e9)
+        r = adapter.adapt(speechlike(seed=1), language="en")
+        assert r.skipped == "confident" and adapter.rollbacks == 0
+        now = adapter.state_dict()
+        assert all(torch.equal(a, b) for a, b in zip(learnt["values"], now["values"]))
+        assert now["steps_taken"] == learnt["steps_taken"]

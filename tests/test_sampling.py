@@ -360,3 +360,27 @@ def test_bf16_score_matches_decode():
     gap = (logp - hyps.logp)[mask].abs()
     assert int(mask.sum()) > 50
     assert gap.median() < 2e-5 and gap.max() < 1e-2, (gap.median(), gap.max())
+
+
+@pytest.mark.parametrize("model_seed, eos_strength", [(0, 0.2), (3, 0.2), (1, 3.0)])
+@torch.no_grad()
+def test_greedy_step_entropy_matches_the_float64_recomputation(model_seed, eos_strength):
+    """The entropy greedy decoding records at each step (incremental, KV-cached) equals the float64
+    teacher-forced entropy of the same tokens; the sampled path records none."""
+    model = tiny_whisper(seed=model_seed, eos_strength=eos_strength)
+    feats = features(2)
+    cross, prompts = setup(model, feats)
+    hyps = sampling.decode(model, cross, prompts, greedy=True, max_new_tokens=[12, 7])
+    mask = hyps.mask
+    _, ent64, _, ent_free, mean_z = float64_stats(model, feats, prompts[0].ids, hyps, 1.0)
+    # sum(entr(softmax)) in float32 over 51k-wide rows: ~1e-5; the gate it feeds works at 0.1 nats.
+    tol = 2e-5 + 1.5e-5 * mean_z
+    err = (hyps.entropy.double() - ent64).abs()
+    assert (err[mask] <= tol[mask]).all(), f"greedy entropy off by {err[mask].max():.2e}"
+    assert tol[mask].median() < (ent64 - ent_free).abs()[mask].median() / 10  # suppression must show
+    expected = [float(ent64[b][mask[b]].mean()) for b in range(2)]
+    assert hyps.mean_entropy() == pytest.approx(expected, abs=1e-4)
+    sampled = sampling.decode(model, cross, prompts, num_samples=2, max_new_tokens=5, generators=gens([1, 2]))
+    assert sampled.entropy is None
+    with pytest.raises(ValueError, match="greedy"):
+        sampled.mean_entropy()

@@ -283,6 +283,10 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
+#: AdaptConfig fields added after rows were first written, with the value that changes nothing.
+_NEUTRAL_SETTINGS = {"min_entropy": 0.0}
+
+
 def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
     """The full adaptation settings a call will use, as a JSON-able dict: ``fastem.AdaptConfig(**overrides)``
     with its defaults filled in when the package accepts the keys; otherwise (no AdaptConfig, an unknown key,
@@ -294,6 +298,9 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
         d = dict(overrides)
     d.pop("backend", None)  # the kernel backend does not change the result beyond float rounding
+    for key, neutral in _NEUTRAL_SETTINGS.items():  # settings added later, at their no-op value: old rows stay valid
+        if key in d and d[key] == neutral:
+            del d[key]
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in d.items()}
 
 
