@@ -1,13 +1,22 @@
 #!/usr/bin/env python
-"""Re-decide the guards offline from benchmark rows: WER and harm for other guard thresholds.
+"""Re-decide the guards and the confidence gate offline from result rows: WER and harm for other settings.
 
     python benchmarks/guard_sweep.py benchmarks/results/screen_base_rows.jsonl --method fastem
+    python benchmarks/guard_sweep.py benchmarks/results/stream_tinyen_rows.jsonl --method episodic \\
+        --gates 0,0.3,0.5,0.8
 
-Every adapted row records the adapted transcript whether or not a guard fired (``hyp_adapted``), the
-unadapted one (``text_before``) and the source model's mean log-probs of both (``scores``), so the
-"confidence" threshold and the text guards (empty, non-speech, repetition; "length" on word counts)
-can be re-applied without re-running adaptation.  Prints, per threshold: corpus WER over the rows,
-relative change against the unadapted transcripts, utterances worse / better, and how often it fired.
+Every adapted row records the adapted transcript whether or not a guard fired (``hyp_adapted`` in the
+domain benchmark's rows, ``text_adapted`` in the stream's), the unadapted one (``text_before``) and the
+evidence: the source model's mean log-probs of both (``scores.source_before/after``) and the mean
+next-token entropy of the unadapted greedy transcript (``scores.entropy_before``).  So the "confidence"
+threshold, the text guards (empty, non-speech, repetition; "length" on word counts) and the
+``min_entropy`` gate (below it the unadapted transcript is kept and adaptation is not run at all) can be
+re-applied without re-running adaptation.  Rows written before ``entropy_before`` was recorded get it
+with ``--backfill DATA_DIR`` (one greedy transcription per utterance with the row's model and domain).
+
+Prints, per setting: corpus WER over the rows, the macro WER over domains (when rows name several),
+relative changes against the unadapted transcripts, utterances worse / better, how often the unadapted
+transcript was kept, and the share of utterances that would be adapted (the gate's cost).
 """
 from __future__ import annotations
 
@@ -22,11 +31,20 @@ from fastem import guards  # noqa: E402
 from fastem.bench.report import score  # noqa: E402
 
 
-def decide(row: dict, max_drop: float | None, max_ratio: float | None) -> str:
-    before, after = row["text_before"], row["hyp_adapted"]
-    s = row.get("scores") or {}
+def normalized(row: dict) -> dict:
+    """The domain benchmark's and the stream's rows under one set of names."""
+    return {"ref": row.get("ref", row.get("reference")), "before": row["text_before"],
+            "adapted": row.get("hyp_adapted", row.get("text_adapted")), "scores": row.get("scores") or {},
+            "language": row.get("language", "en"), "domain": row.get("domain", ""),
+            "seconds": row.get("audio_seconds", 0.0)}
+
+
+def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entropy: float = 0.0) -> str:
+    before, after, s = row["before"], row["adapted"], row["scores"]
+    if min_entropy > 0 and s["entropy_before"] < min_entropy:
+        return before
     ev = guards.Evidence(text_before=before, text_after=after, tokens_before=before.split(),
-                         tokens_after=after.split(), seconds=row.get("audio_seconds", 0.0),
+                         tokens_after=after.split(), seconds=row["seconds"],
                          source_logp_before=s.get("source_before"), source_logp_after=s.get("source_after"),
                          max_logp_drop=max_drop if max_drop is not None else float("inf"),
                          max_length_ratio=max_ratio if max_ratio is not None else float("inf"))
@@ -35,20 +53,73 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None) -> str:
     return before if guards.check(ev, names) else after
 
 
+def backfill(rows: list[dict], raw: list[dict], data_dir: str) -> None:
+    """Add ``scores.entropy_before`` where it is missing: a greedy pass with the row's model and audio."""
+    import fastem
+    from fastem.bench.data import load_manifest
+    from fastem.bench.domains import DOMAINS
+
+    models: dict = {}
+    for row, r in zip(rows, raw):
+        if "entropy_before" in row["scores"]:
+            continue
+        name = r["model"]
+        if name not in models:
+            models[name] = fastem.load_whisper(name)
+        model, processor = models[name]
+        utt = next(u for u in load_manifest(data_dir, r["corpus"]) if u.utt_id == r["utt_id"])
+        audio = DOMAINS[r["domain"]].load(utt, data_dir=data_dir)
+        res = fastem.adapt(model, audio, processor=processor, language=r.get("language"), steps=0, guards=())
+        if res.text_before != row["before"]:
+            print(f"note: {r['domain']}/{r['utt_id']}: the greedy transcript differs from the row's", file=sys.stderr)
+        row["scores"] = {**row["scores"], "entropy_before": res.scores["entropy_before"]}
+
+
+def evaluate(rows: list[dict], base: list[tuple[int, int]], choose) -> dict:
+    errs, worse, better, kept, adapted = 0, 0, 0, 0, 0
+    per_domain: dict[str, list[int]] = {}
+    for r, (eb, n) in zip(rows, base):
+        text = choose(r)
+        kept += text == r["before"] and r["adapted"] != r["before"]
+        e, _ = score(r["ref"], text, r["language"])
+        errs += e
+        worse += e > eb
+        better += e < eb
+        d = per_domain.setdefault(r["domain"], [0, 0, 0])
+        d[0] += e
+        d[1] += eb
+        d[2] += n
+    macro = sum(d[0] / d[2] for d in per_domain.values()) / len(per_domain)
+    macro0 = sum(d[1] / d[2] for d in per_domain.values()) / len(per_domain)
+    return {"errors": errs, "worse": worse, "better": better, "kept": kept, "macro": macro, "macro0": macro0,
+            "domains": len(per_domain)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="+")
-    ap.add_argument("--method", required=True)
+    ap.add_argument("--method", required=True, help="rows whose 'method' (bench) or 'mode' (stream) is this")
     ap.add_argument("--drops", default="none,0.5,1.0,1.5,2.0,3.0")
     ap.add_argument("--ratios", default="none,1.5,2.0")
+    ap.add_argument("--gates", default="", help="min_entropy values to sweep (with the default guards)")
+    ap.add_argument("--backfill", metavar="DATA_DIR", default=None,
+                    help="compute scores.entropy_before where rows lack it (needs the models and the data)")
+    ap.add_argument("--save", default=None, help="with --backfill: write the completed rows here")
     args = ap.parse_args(argv)
-    rows = [json.loads(line) for f in args.rows for line in open(f) if line.strip()]
-    rows = [r for r in rows if r.get("method") == args.method and r.get("hyp_adapted") is not None]
-    if not rows:
+    raw = [json.loads(line) for f in args.rows for line in open(f) if line.strip()]
+    raw = [r for r in raw if args.method in (r.get("method"), r.get("mode"))
+           and r.get("hyp_adapted", r.get("text_adapted")) is not None]
+    if not raw:
         print(f"no rows of method {args.method!r} with an adapted transcript", file=sys.stderr)
         return 1
-    lang = {r["utt_id"]: r.get("language", "en") for r in rows}
-    base = [score(r["ref"], r["text_before"], lang[r["utt_id"]]) for r in rows]
+    rows = [normalized(r) for r in raw]
+    if args.backfill:
+        backfill(rows, raw, args.backfill)
+        if args.save:
+            with open(args.save, "w") as f:
+                for r, row in zip(raw, rows):
+                    f.write(json.dumps({**r, "scores": row["scores"]}) + "\n")
+    base = [score(r["ref"], r["before"], r["language"]) for r in rows]
     e0 = sum(e for e, _ in base)
     print(f"{len(rows)} rows of {args.method}; unadapted errors {e0} / {sum(n for _, n in base)} words")
     print("| max_logp_drop | max_length_ratio | errors | rel. change | worse / better | kept unadapted |\n"
@@ -57,15 +128,22 @@ def main(argv=None) -> int:
         for q in args.ratios.split(","):
             drop = None if d == "none" else float(d)
             ratio = None if q == "none" else float(q)
-            errs, worse, better, kept = 0, 0, 0, 0
-            for r, (eb, _) in zip(rows, base):
-                text = decide(r, drop, ratio)
-                kept += text == r["text_before"] and r["hyp_adapted"] != r["text_before"]
-                e, _ = score(r["ref"], text, lang[r["utt_id"]])
-                errs += e
-                worse += e > eb
-                better += e < eb
-            print(f"| {d} | {q} | {errs} | {errs / e0 - 1:+.1%} | {worse} / {better} | {kept} |")
+            ev = evaluate(rows, base, lambda r: decide(r, drop, ratio))
+            print(f"| {d} | {q} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['worse']} / {ev['better']} | "
+                  f"{ev['kept']} |")
+    if args.gates:
+        missing = sum("entropy_before" not in r["scores"] for r in rows)
+        if missing:
+            print(f"{missing} rows lack scores.entropy_before: pass --backfill DATA_DIR", file=sys.stderr)
+            return 1
+        print("\n| min_entropy | adapted | errors | rel. change | macro WER | rel. macro | worse / better |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|")
+        for g in args.gates.split(","):
+            gate = float(g)
+            ev = evaluate(rows, base, lambda r: decide(r, 1.5, 2.0, gate))
+            share = sum(r["scores"]["entropy_before"] >= gate for r in rows) / len(rows)
+            print(f"| {gate:g} | {share:.0%} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
+                  f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} |")
     return 0
 
 

@@ -25,6 +25,9 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--params", default=d.params, choices=["layernorm", "decoder", "encoder", "all"])
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--min-entropy", type=float, default=d.min_entropy, metavar="NATS",
+                   help="do not adapt on a clip whose unadapted transcript has a mean token entropy below this "
+                        f"(default {d.min_entropy:g}; 0 adapts every clip)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +71,7 @@ def _references(args) -> dict[str, str]:
 
 def _config(args) -> AdaptConfig:
     return AdaptConfig(steps=args.steps, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
-                       params=args.params, seed=args.seed)
+                       params=args.params, seed=args.seed, min_entropy=args.min_entropy)
 
 
 def _load(args):
@@ -148,7 +151,10 @@ def cmd_transcribe(args) -> int:
                 if out is None:
                     continue
                 if args.adapt:
-                    row.update(before=out.text_before, after=out.text, language=out.language, steps=cfg.steps)
+                    row.update(before=out.text_before, after=out.text, language=out.language,
+                               steps=0 if out.skipped else cfg.steps)
+                    if out.skipped == "confident":
+                        row.update(confident=True)
                     if out.guard:
                         row.update(guard=out.guard, guard_reason=out.guard_reason)
                 else:
@@ -189,6 +195,7 @@ def _print_row(row: dict, as_json: bool) -> None:
     if "after" in row:
         wer = f"  [WER {row['wer_after']:.1%}]" if "wer_after" in row else ""
         guard = f"; guard {row['guard']}: {row['guard_reason']}, unadapted kept" if row.get("guard") else ""
+        guard += "; confident: not adapted" if row.get("confident") else ""
         print(f"   {'after':>9}: {row['after']}{wer}   ({row['steps']} steps{guard})")
     sys.stdout.flush()
 

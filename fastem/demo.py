@@ -49,6 +49,11 @@ def run_demo(*, model_name: str = "base", device=None, snr_db: float = -3.0,
     print(f"reference : {reference}")
     print(f"before    : {res.text_before}   [WER {e0 / n:.1%}]")
     print(f"after     : {res.text}   [WER {e1 / n:.1%}]")
-    print(f"adaptation: {res.seconds:.1f} s, {res.seconds / max(cfg.steps, 1):.2f} s/step; mean token entropy "
-          + " -> ".join(f"{h['entropy']:.3f}" for h in (res.history[:1] + res.history[-1:])))
+    if res.skipped == "confident":
+        print(f"adaptation: not run, the model is sure of this clip (mean token entropy "
+              f"{res.scores['entropy_before']:.3f} < min_entropy {cfg.min_entropy:g}); {res.seconds:.1f} s")
+    else:
+        print(f"adaptation: {res.seconds:.1f} s, {res.seconds / max(cfg.steps, 1):.2f} s/step; mean token entropy "
+              + " -> ".join(f"{h['entropy']:.3f}" for h in (res.history[:1] + res.history[-1:]))
+              + (f"; guard {res.guard}: {res.guard_reason}" if res.guard else ""))
     return 0

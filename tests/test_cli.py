@@ -59,6 +59,8 @@ def test_demo_runs_on_tiny(capsys):
     out = capsys.readouterr().out
     for label in ("reference :", "before    :", "after     :", "WER"):
         assert label in out
+    assert main(["demo", "--model", "tiny.en", "--steps", "1", "--num-samples", "2", "--min-entropy", "50"]) == 0
+    assert "adaptation: not run, the model is sure of this clip" in capsys.readouterr().out
 
 
 # --- Many files: keep going past bad ones (a stand-in model: no weights needed) ------------------
@@ -85,7 +87,8 @@ def fake_model(monkeypatch):
         assert sampling_rate == 16000 and config is not None and batch_size >= 1
         calls["adapt"].extend(audios)
         calls.setdefault("batches", []).append(len(audios))
-        return [types.SimpleNamespace(text_before="before text", text="after text", language="en", guard=None)
+        return [types.SimpleNamespace(text_before="before text", text="after text", language="en", guard=None,
+                                      skipped=None)
                 for _ in audios]
 
     monkeypatch.setattr(fastem.cli, "_load", load)
