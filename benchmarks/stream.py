@@ -100,6 +100,13 @@ def run_mode(spec, kind, overrides, model, processor, domain, utts, data_dir, ou
         return
     bar = tqdm(total=len(utts), initial=len(utts) - len(todo), desc=spec, file=sys.stderr)
 
+    def evidence(r) -> dict:
+        """What an offline guard study needs: the step-0 and last-step entropies and the source scores."""
+        steps = [h for h in r.history if not h.get("skipped")]
+        return {"entropy_first": steps[0]["entropy"] if steps else None,
+                "entropy_last": steps[-1]["entropy"] if steps else None,
+                "scores": {k: v for k, v in r.scores.items() if isinstance(v, (int, float))}}
+
     def row(i, u, text, before, seconds, **extra):
         return {"model": model_name, "domain": domain.name, "mode": spec, "index": i, "utt_id": u.id, "reference": u.text, "text": text,
                 "text_before": before, "seconds": round(seconds, 3), **extra}
@@ -119,7 +126,7 @@ def run_mode(spec, kind, overrides, model, processor, domain, utts, data_dir, ou
             seconds = (time.perf_counter() - t0) / len(chunk)
             for (i, u), r in zip(chunk, results):
                 append(out, row(i, u, r.text, r.text_before, seconds, text_adapted=r.text_adapted, guard=r.guard,
-                                guard_reason=r.guard_reason))
+                                guard_reason=r.guard_reason, **evidence(r)))
             bar.update(len(chunk))
     else:
         ckpt = out.with_name(out.name + "." + spec.replace(":", "_").replace(",", "_").replace("=", "") + ".pt")
@@ -139,7 +146,8 @@ def run_mode(spec, kind, overrides, model, processor, domain, utts, data_dir, ou
                 values_finite = all(bool(torch.isfinite(v).all()) for v in adapter.state_dict()["values"])
                 append(out, row(i, u, r.text, r.text_before, seconds, text_adapted=r.text_adapted, guard=r.guard,
                                 guard_reason=r.guard_reason, reset=bool(r.scores.get("reset", False)),
-                                resets=adapter.resets, rollbacks=adapter.rollbacks, finite=values_finite))
+                                resets=adapter.resets, rollbacks=adapter.rollbacks, finite=values_finite,
+                                **evidence(r)))
                 torch.save({"index": i, "adapter": adapter.state_dict()}, ckpt)
                 bar.update()
         if not finite_model(model):

@@ -154,7 +154,8 @@ class AdaptResult:
 
     text / tokens:               the transcript returned: the adapted one, or the unadapted one when a
                                  guard fired.
-    text_before / tokens_before: greedy transcript of the model before adaptation.
+    text_before / tokens_before: greedy transcript of the source model (before any adaptation, also in
+                                 a continual :class:`fastem.Adapter`).
     text_adapted / tokens_adapted: greedy transcript after adaptation, whether or not a guard fired.
     guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted).
     scores:                      the evidence behind the gate and the guards: ``entropy_before`` (mean
@@ -281,6 +282,7 @@ class _State:
     binding: Binding
     optimizer: Any
     steps_taken: int = 0
+    source: ModelSnapshot | None = None  # direct parameter sets: the source values (the model holds adapted ones)
 
 
 def _texts(processor, prompts: list[Prompt], hyps: Hypotheses) -> list[tuple[str, list[int]]]:
@@ -415,17 +417,22 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
         for p in model.parameters():
             p.requires_grad_(False)
         head = Head(model)
-        with torch.no_grad():  # the encoder below the first adapted layer, and the source model's view
-            embedded = encoder_embed(model, feats)
-            prefix = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
-            enc_source = encoder_layers(model, prefix, start or 0)
-            cross_source = cross_kv(model, enc_source)
-            prompts = build_prompts(model, cross_source, languages, task=cfg.task, head=head)
-            # A continual adapter starts this call from what it has learnt so far.
-            over_now = binding.over if state is not None and state.steps_taken > 0 else None
-            cross_now = _cross(model, prefix, start, cross_fixed, over_now, enc_source, cross_source) \
-                if over_now is not None else cross_source
-            before = decode(model, cross_now, prompts, greedy=True, max_new_tokens=budgets, over=over_now, head=head)
+        # The source model's view: the encoder below the first adapted layer, the unadapted transcript
+        # (what adaptation is judged against, also for a continual adapter that has learnt a lot).
+        source = state.source if state is not None and state.source is not None and state.steps_taken else None
+        with torch.no_grad():
+            if source is not None:
+                source.swap()  # a direct continual adapter: the source values, for a moment
+            try:
+                embedded = encoder_embed(model, feats)
+                prefix = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
+                enc_source = encoder_layers(model, prefix, start or 0)
+                cross_source = cross_kv(model, enc_source)
+                prompts = build_prompts(model, cross_source, languages, task=cfg.task, head=head)
+                before = decode(model, cross_source, prompts, greedy=True, max_new_tokens=budgets, head=head)
+            finally:
+                if source is not None:
+                    source.swap()
         texts_before = _texts(processor, prompts, before)
         scores: list[dict] = [{"entropy_before": e} for e in before.mean_entropy()]
 
@@ -458,14 +465,16 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
                 for b, text in zip(active, _texts(processor, a_prompts, after)):
                     texts_after[b] = text
                 if "confidence" in cfg.guards:
-                    if binding.direct:
-                        snapshot.swap()  # the source model's values, for a moment
+                    swap = (state.source if state is not None and state.source is not None else snapshot) \
+                        if binding.direct else None
+                    if swap is not None:
+                        swap.swap()  # the source model's values, for a moment
                     try:
                         src = _mean_logp(model, cross_source, a_prompts,
                                          [[texts_before[b][1], texts_after[b][1]] for b in active], head)
                     finally:
-                        if binding.direct:
-                            snapshot.swap()
+                        if swap is not None:
+                            swap.swap()
                     for b, (a, z) in zip(active, src):
                         scores[b].update(source_before=a, source_after=z)
         if state is None and not cfg.episodic:

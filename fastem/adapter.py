@@ -3,10 +3,12 @@
 The same loop as :func:`fastem.adapt` (``B = 1``), keeping the adapted parameters and the optimizer
 state from one call to the next: a stream from one microphone, room or speaker is one domain, and
 what was learnt on one utterance helps the next.  Entropy minimization run for long can drift into
-collapse (confident repetition, empty output), so each call is checked:
+collapse (confident repetition, empty output), so each call is checked against the **source** model
+(its unadapted transcript, ``text_before``, is the source model's, however much the adapter has learnt;
+judged against the adapter's own drifted transcript, the guards would never see the drift):
 
 * a call whose adapted transcript a guard rejects is **rolled back** (parameters and optimizer state
-  as they were before the call) and its unadapted transcript returned;
+  as they were before the call) and the source model's transcript returned;
 * after ``reset_after`` rejected calls in a row, or when any value becomes non-finite, the adapter
   **resets** to the source weights with a fresh optimizer (``resets`` counts them).
 
@@ -60,7 +62,8 @@ class Adapter:
         self._check_open()
         self.snapshot.restore()
         binding = Binding(self.model, self.named, 1)
-        self._state = _State(binding=binding, optimizer=_make_optimizer(self.config, binding.tensors))
+        self._state = _State(binding=binding, optimizer=_make_optimizer(self.config, binding.tensors),
+                             source=self.snapshot if binding.direct else None)
         self._rejected_in_a_row = 0
         if count:
             self.resets += 1

@@ -26,10 +26,11 @@ def test_state_carries_over_and_close_restores_the_model(model, processor, param
     with fastem.Adapter(model, processor, params=params, **CFG) as adapter:
         first = adapter.adapt(speechlike(seed=0), **KW)
         second = adapter.adapt(speechlike(seed=0), **KW)
-        # The second call starts from what the first learnt: its unadapted transcript is the first's
-        # adapted one (same audio), and its first step's loss is not the first call's first loss.
-        assert second.tokens_before == first.tokens_adapted
+        # The second call starts from what the first learnt (its first step's loss is not the first
+        # call's first loss), and is judged against the source model: its unadapted transcript is the
+        # source model's, as in the first call (same audio).
         assert second.history[0]["loss"] != pytest.approx(first.history[0]["loss"], rel=1e-6)
+        assert second.tokens_before == first.tokens_before
         assert adapter.calls == 2 and adapter.resets == 0
     assert_same_state(model, before)
 
@@ -126,3 +127,21 @@ def test_load_state_dict_refuses_another_parameter_set_and_non_finite_values(mod
         bad["values"][0][0, 0] = float("nan")
         with pytest.raises(ValueError, match="non-finite"):
             adapter.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("params", ["layernorm", "decoder"])
+def test_a_drifted_adapter_is_judged_against_the_source_model(model, processor, params):
+    """After the adapter has learnt (here: far too much), each call's unadapted transcript and the
+    guards' reference are the source model's, not the drifted model's; a transcript the drift broke is
+    rejected and the source transcript returned."""
+    clip = speechlike(seed=7)
+    source = fastem.transcribe(model, clip, processor=processor, language="en", max_new_tokens=6)
+    with fastem.Adapter(model, processor, params=params, steps=3, num_samples=2, lr=5.0, max_new_tokens=6,
+                        guards=(), reset_after=99) as adapter:
+        adapter.adapt(speechlike(seed=8), **KW)  # no guards: the wild update is kept
+        drifted = adapter.adapt(clip, **KW).tokens_adapted
+        assert adapter.resets == 0
+        again = adapter.adapt(clip, **KW)
+        assert processor.tokenizer.decode(again.tokens_before, skip_special_tokens=True).strip() == source
+        assert again.text_before == source
+    assert drifted != again.tokens_before, "the test needs an adapter whose own transcript differs from the source's"
