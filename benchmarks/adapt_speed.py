@@ -7,7 +7,8 @@ Rows (each timed on the real path, ``fastem.adapt`` itself, medians over ``--rep
 
 * ``transcribe``: a plain greedy transcription of the clip (the unit of "recognizing").
 * ``adapt``: the default ``fastem.adapt`` (``AdaptConfig()``), and its ratio to ``transcribe``
-  (the cost of adapting in units of recognizing) and its real-time factor.
+  (the cost of adapting in units of recognizing) and its real-time factor; whether the ``min_entropy``
+  gate skipped the clip, and ``adapt_forced``: the same config with the gate off (a clip it adapts).
 * ``step``: one adaptation step of ``adapt`` (its ``history`` seconds) with all LayerNorms and
   K = 4, against a straightforward step built on ``generate``: K samples from
   ``generate(do_sample=True, num_return_sequences=K)``, a teacher-forced forward with full logits
@@ -122,6 +123,12 @@ def main(argv=None) -> int:
     rows["adapt_s"] = _median_time(lambda: results.append(fastem.adapt(model, audio, config=cfg, **kw)), args.repeats)
     rows["adapt_over_transcribe"] = rows["adapt_s"] / rows["transcribe_s"]
     rows["adapt_rtf"] = rows["adapt_s"] / seconds
+    rows["adapt_skipped"] = str(results[-1].skipped)  # "confident": the min_entropy gate kept the transcript
+    rows["entropy_before"] = results[-1].scores.get("entropy_before")
+    # The same config forced to adapt (min_entropy=0): what a clip the gate lets through costs.
+    rows["adapt_forced_s"] = _median_time(lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, **kw),
+                                          args.repeats)
+    rows["adapt_forced_over_transcribe"] = rows["adapt_forced_s"] / rows["transcribe_s"]
     rows["rss_after_adapt_MiB"] = _rss_mib()
 
     # One step, all LayerNorms, K = 4: fastem's real path vs the straightforward one.
