@@ -194,6 +194,38 @@ def summarize(rows: list[dict], n: int, language: str = "en") -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: str, block: int = 20, language: str = "en") -> None:
+    """WER per block of ``block`` consecutive utterances, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastem.text import word_errors
+
+    by_mode: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], {})[r["index"]] = r
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for mode, rs in by_mode.items():
+        xs, ys = [], []
+        for lo in range(0, max(rs) + 1, block):
+            idx = [i for i in range(lo, lo + block) if i in rs]
+            errs = [word_errors(rs[i]["reference"], rs[i]["text"], language) for i in idx]
+            words = sum(n for _, n in errs)
+            if words:
+                xs.append(lo + block / 2)
+                ys.append(100 * sum(e for e, _ in errs) / words)
+        ax.plot(xs, ys, marker="o", label=mode)
+    ax.set_xlabel(f"position in the stream (blocks of {block} utterances)")
+    ax.set_ylabel("WER %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny.en")
@@ -204,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(_REPO.parent / "shared" / "data"))
     ap.add_argument("--out", default="out/stream/rows.jsonl")
     ap.add_argument("--report-only", action="store_true", help="print the table from the rows and stop")
+    ap.add_argument("--plot", default=None, help="write WER per block of 20 utterances to this PNG")
     args = ap.parse_args(argv)
     out = Path(args.out)
     modes = parse_modes(args.modes)
@@ -218,6 +251,8 @@ def main(argv=None) -> int:
             run_mode(spec, kind, overrides, model, processor, domain, utts, data_dir, out, done, args.batch_size,
                      model_name=args.model)
     print(summarize(read_rows(out), args.n))
+    if args.plot:
+        plot(read_rows(out), args.plot)
     return 0
 
 

@@ -7,8 +7,9 @@ collapse (confident repetition, empty output), so each call is checked against t
 (its unadapted transcript, ``text_before``, is the source model's, however much the adapter has learnt;
 judged against the adapter's own drifted transcript, the guards would never see the drift):
 
-* a call whose adapted transcript a guard rejects is **rolled back** (parameters and optimizer state
-  as they were before the call) and the source model's transcript returned;
+* a call whose adapted transcript a guard rejects returns the source model's transcript and is
+  **rolled back** (parameters and optimizer state as they were before the call; with
+  ``rollback=False`` what the call learnt is kept, only its transcript is refused);
 * after ``reset_after`` rejected calls in a row, or when any value becomes non-finite, the adapter
   **resets** to the source weights with a fresh optimizer (``resets`` counts them).
 
@@ -38,7 +39,7 @@ class Adapter:
     """
 
     def __init__(self, model, processor=None, config: AdaptConfig | None = None, *, reset_after: int = 2,
-                 **overrides):
+                 rollback: bool = True, **overrides):
         cfg = dataclasses.replace(config or AdaptConfig(), **overrides)
         self.config = dataclasses.replace(cfg, episodic=False)
         if reset_after < 1:
@@ -46,6 +47,7 @@ class Adapter:
         self.model = model
         self.processor = processor
         self.reset_after = reset_after
+        self.rollback = rollback
         self.named = select_parameters(model, self.config.params)
         self.snapshot = ModelSnapshot(model, [p for _, p in self.named])
         self.resets = 0
@@ -129,8 +131,9 @@ class Adapter:
             self.calls += 1
             skipped = any(h.get("skipped") for h in result.history)
             if result.guard is not None or skipped:
-                self._rollback(saved)
-                self.rollbacks += 1
+                if self.rollback or skipped:
+                    self._rollback(saved)
+                    self.rollbacks += 1
                 self._rejected_in_a_row += 1
             else:
                 self._rejected_in_a_row = 0

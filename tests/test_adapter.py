@@ -145,3 +145,22 @@ def test_a_drifted_adapter_is_judged_against_the_source_model(model, processor, 
         assert processor.tokenizer.decode(again.tokens_before, skip_special_tokens=True).strip() == source
         assert again.text_before == source
     assert drifted != again.tokens_before, "the test needs an adapter whose own transcript differs from the source's"
+
+
+def test_without_rollback_a_rejected_call_keeps_what_it_learnt_but_not_its_transcript(model, processor):
+    """``rollback=False``: the guard still refuses the adapted transcript (the source's is returned),
+    the adapted values stay; two rejections in a row still reset."""
+    audio = speechlike(seed=2)
+    source = fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=6)
+    cfg = dict(steps=3, num_samples=2, lr=50.0, max_new_tokens=6, max_logp_drop=0.05, min_entropy=0.0,
+               guards=("empty", "non_speech", "repetition", "length", "confidence"))
+    with fastem.Adapter(model, processor, rollback=False, reset_after=2, **cfg) as adapter:
+        start = adapter.state_dict()["values"]
+        first = adapter.adapt(audio, **KW)
+        assert first.guard is not None and first.text == source
+        assert adapter.rollbacks == 0 and adapter.resets == 0
+        kept = adapter.state_dict()["values"]
+        assert any(not torch.equal(a, b) for a, b in zip(start, kept)), "the rejected call's update was not kept"
+        second = adapter.adapt(audio, **KW)
+        assert second.guard is not None and second.scores.get("reset") and adapter.resets == 1
+        assert all(torch.equal(a, b) for a, b in zip(start, adapter.state_dict()["values"]))
