@@ -76,7 +76,7 @@ def backfill(rows: list[dict], raw: list[dict], data_dir: str) -> None:
 
 
 def evaluate(rows: list[dict], base: list[tuple[int, int]], choose) -> dict:
-    errs, worse, better, kept, adapted = 0, 0, 0, 0, 0
+    errs, worse, better, kept = 0, 0, 0, 0
     per_domain: dict[str, list[int]] = {}
     for r, (eb, n) in zip(rows, base):
         text = choose(r)

@@ -108,7 +108,8 @@ def run_mode(spec, kind, overrides, model, processor, domain, utts, data_dir, ou
                 "scores": {k: v for k, v in r.scores.items() if isinstance(v, (int, float))}}
 
     def row(i, u, text, before, seconds, **extra):
-        return {"model": model_name, "domain": domain.name, "mode": spec, "index": i, "utt_id": u.id, "reference": u.text, "text": text,
+        return {"model": model_name, "domain": domain.name, "mode": spec, "index": i, "utt_id": u.id,
+                "reference": u.text, "text": text,
                 "text_before": before, "seconds": round(seconds, 3), **extra}
 
     if kind == "none":
