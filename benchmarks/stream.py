@@ -144,12 +144,13 @@ def run_mode(spec, kind, overrides, model, processor, domain, utts, data_dir, ou
                 t0 = time.perf_counter()
                 r = adapter.adapt(domain.load(u, data_dir=data_dir), language="en")
                 seconds = time.perf_counter() - t0
-                values_finite = all(bool(torch.isfinite(v).all()) for v in adapter.state_dict()["values"])
+                state = adapter.state_dict()
+                values_finite = all(bool(torch.isfinite(v).all()) for v in state["values"])
                 append(out, row(i, u, r.text, r.text_before, seconds, text_adapted=r.text_adapted, guard=r.guard,
                                 guard_reason=r.guard_reason, reset=bool(r.scores.get("reset", False)),
                                 resets=adapter.resets, rollbacks=adapter.rollbacks, finite=values_finite,
                                 **evidence(r)))
-                torch.save({"index": i, "adapter": adapter.state_dict()}, ckpt)
+                torch.save({"index": i, "adapter": state}, ckpt)
                 bar.update()
         if not finite_model(model):
             raise SystemExit("the model holds non-finite values after the Adapter closed")

@@ -14,6 +14,7 @@ fails always does.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -420,22 +421,20 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
         for p in model.parameters():
             p.requires_grad_(False)
         head = Head(model)
+        # Direct parameter sets write the model: the source values are the call's snapshot, or those a
+        # continual adapter keeps; swapped in for a moment wherever the source model must speak.
+        source = (state.source if state is not None and state.source is not None else snapshot) \
+            if binding.direct else None
         # The source model's view: the encoder below the first adapted layer, the unadapted transcript
         # (what adaptation is judged against, also for a continual adapter that has learnt a lot).
-        source = state.source if state is not None and state.source is not None and state.steps_taken else None
-        with torch.no_grad():
-            if source is not None:
-                source.swap()  # a direct continual adapter: the source values, for a moment
-            try:
-                embedded = encoder_embed(model, feats)
-                prefix = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
-                enc_source = encoder_layers(model, prefix, start or 0)
-                cross_source = cross_kv(model, enc_source)
-                prompts = build_prompts(model, cross_source, languages, task=cfg.task, head=head)
-                before = decode(model, cross_source, prompts, greedy=True, max_new_tokens=budgets, head=head)
-            finally:
-                if source is not None:
-                    source.swap()
+        learnt = state is not None and state.source is not None and state.steps_taken > 0
+        with torch.no_grad(), (source.swapped(learnt) if source is not None else contextlib.nullcontext()):
+            embedded = encoder_embed(model, feats)
+            prefix = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
+            enc_source = encoder_layers(model, prefix, start or 0)
+            cross_source = cross_kv(model, enc_source)
+            prompts = build_prompts(model, cross_source, languages, task=cfg.task, head=head)
+            before = decode(model, cross_source, prompts, greedy=True, max_new_tokens=budgets, head=head)
         texts_before = _texts(processor, prompts, before)
         scores: list[dict] = [{"entropy_before": e} for e in before.mean_entropy()]
 
@@ -468,16 +467,9 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
                 for b, text in zip(active, _texts(processor, a_prompts, after)):
                     texts_after[b] = text
                 if "confidence" in cfg.guards:
-                    swap = (state.source if state is not None and state.source is not None else snapshot) \
-                        if binding.direct else None
-                    if swap is not None:
-                        swap.swap()  # the source model's values, for a moment
-                    try:
+                    with source.swapped() if source is not None else contextlib.nullcontext():
                         src = _mean_logp(model, cross_source, a_prompts,
                                          [[texts_before[b][1], texts_after[b][1]] for b in active], head)
-                    finally:
-                        if swap is not None:
-                            swap.swap()
                     for b, (a, z) in zip(active, src):
                         scores[b].update(source_before=a, source_after=z)
         if state is None and not cfg.episodic:
@@ -489,7 +481,8 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
     elapsed = time.perf_counter() - t_start
     results = []
     verdicts = _verdicts(cfg, texts_before, texts_after, scores, seconds)
-    for b, verdict in enumerate(verdicts if active else [None] * n):
+    for b in range(n):
+        verdict = verdicts[b] if b in active else None  # an utterance not adapted has nothing to judge
         (tb, idb), (ta, ida) = texts_before[b], texts_after[b]
         text, ids = (tb, idb) if verdict else (ta, ida)
         confident = bool(cfg.steps) and b not in active

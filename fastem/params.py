@@ -6,6 +6,7 @@ every module's train/eval flag) and restores it, also when the call fails half-w
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Union
 
 import torch
@@ -161,6 +162,19 @@ class ModelSnapshot:
             tmp = p.detach().clone()
             p.copy_(saved)
             saved.copy_(tmp)
+
+    @contextlib.contextmanager
+    def swapped(self, active: bool = True):
+        """Inside the block the model holds the recorded values (``active=False``: nothing changes);
+        after it, whatever it held before, also when the block raises."""
+        if not active:
+            yield
+            return
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
 
     @torch.no_grad()
     def restore(self, *, values: bool = True) -> None:
