@@ -346,6 +346,20 @@ def test_resolved_config_fills_defaults_or_falls_back_to_the_raw_dict():
     assert a == config_hash("em", dom, 0, resolved_adapt_config({"objective": "em"}))
 
 
+def test_suta_is_ungated_and_its_rows_predate_the_gate():
+    """SUTA's research code adapts every utterance: the built-in method turns the confidence gate off, and a
+    setting at its no-op value is left out of the row key, so rows written before the gate existed stay valid."""
+    import fastem
+
+    assert BUILTIN_METHODS["suta"]["min_entropy"] == 0.0 and fastem.AdaptConfig().min_entropy > 0.0
+    suta = resolved_adapt_config(BUILTIN_METHODS["suta"])
+    assert "min_entropy" not in suta
+    assert resolved_adapt_config({"min_entropy": 0.5})["min_entropy"] == 0.5  # only the no-op value is dropped
+    gated = resolved_adapt_config({k: v for k, v in BUILTIN_METHODS["suta"].items() if k != "min_entropy"})
+    dom = DOMAINS["clean"]
+    assert config_hash("suta", dom, 0, suta) != config_hash("suta", dom, 0, gated)
+
+
 def test_changing_a_definition_reruns_only_that_method(synth, tmp_path):
     def cfg(lr):
         return _cfg(synth, methods=["none", "em", "mine"], definitions={"mine": {"objective": "em", "lr": lr}})
