@@ -9,7 +9,8 @@ Every adapted row records the adapted transcript whether or not a guard fired (`
 domain benchmark's rows, ``text_adapted`` in the stream's), the unadapted one (``text_before``) and the
 evidence: the source model's mean log-probs of both (``scores.source_before/after``) and the mean
 next-token entropy of the unadapted greedy transcript (``scores.entropy_before``).  So the "confidence"
-threshold, the text guards (empty, non-speech, repetition; "length" on word counts) and the
+threshold, the text guards (empty, non-speech, repetition, length: on the token ids where rows carry
+them, ``tokens_before`` / ``tokens_adapted``, else on words) and the
 ``min_entropy`` gate (below it the unadapted transcript is kept and adaptation is not run at all) can be
 re-applied without re-running adaptation.  Rows written before ``entropy_before`` was recorded get it
 with ``--backfill DATA_DIR`` (one greedy transcription per utterance with the row's model and domain).
@@ -36,15 +37,20 @@ def normalized(row: dict) -> dict:
     return {"ref": row.get("ref", row.get("reference")), "before": row["text_before"],
             "adapted": row.get("hyp_adapted", row.get("text_adapted")), "scores": row.get("scores") or {},
             "language": row.get("language", "en"), "domain": row.get("domain", ""),
-            "seconds": row.get("audio_seconds", 0.0)}
+            "seconds": row.get("audio_seconds", 0.0),
+            # token ids where the row has them (the library's length and repetition guards count tokens);
+            # older rows have words only, so a few decisions can differ from the library's by a word count
+            "tokens_before": row.get("tokens_before"), "tokens_adapted": row.get("tokens_adapted")}
 
 
 def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entropy: float = 0.0) -> str:
     before, after, s = row["before"], row["adapted"], row["scores"]
     if min_entropy > 0 and s["entropy_before"] < min_entropy:
         return before
-    ev = guards.Evidence(text_before=before, text_after=after, tokens_before=before.split(),
-                         tokens_after=after.split(), seconds=row["seconds"],
+    exact = row.get("tokens_before") is not None and row.get("tokens_adapted") is not None
+    ev = guards.Evidence(text_before=before, text_after=after,
+                         tokens_before=row["tokens_before"] if exact else before.split(),
+                         tokens_after=row["tokens_adapted"] if exact else after.split(), seconds=row["seconds"],
                          source_logp_before=s.get("source_before"), source_logp_after=s.get("source_after"),
                          max_logp_drop=max_drop if max_drop is not None else float("inf"),
                          max_length_ratio=max_ratio if max_ratio is not None else float("inf"))

@@ -479,7 +479,8 @@ def test_fastem_engine_adapt_batch_calls_fastem_adapt_batch(monkeypatch):
 
     eng = object.__new__(FastemEngine)
     eng.model, eng.processor, eng.model_name, eng.english_only = "MODEL", "PROC", "m", False
-    res = types.SimpleNamespace(text="b", text_before="a", seconds=None, guard="len")
+    res = types.SimpleNamespace(text="b", text_before="a", seconds=None, guard="len",
+                                tokens_before=torch.tensor([5, 6]), tokens_adapted=[7])
     got = {}
 
     def fake_batch(model, audios, **kw):
@@ -491,6 +492,7 @@ def test_fastem_engine_adapt_batch_calls_fastem_adapt_batch(monkeypatch):
     assert got == {"model": "MODEL", "n": 2, "processor": "PROC", "sampling_rate": 16000, "language": ["en", "cs"],
                    "objective": "em", "lr": 1e-3}
     assert [(o.text, o.text_before, o.guard, o.batch_items) for o in outs] == [("b", "a", "len", 2)] * 2
+    assert [(o.tokens_before, o.tokens_adapted) for o in outs] == [([5, 6], [7])] * 2  # plain ints, JSON-able
     # without fastem.adapt_batch: one fastem.adapt per item (results without .guard read as None)
     monkeypatch.delattr(fastem, "adapt_batch", raising=False)
     calls = []
@@ -503,7 +505,7 @@ def test_fastem_engine_adapt_batch_calls_fastem_adapt_batch(monkeypatch):
     eng.english_only = True
     outs = eng.adapt_batch([torch.zeros(8), torch.zeros(9)], ["en", "cs"], {"steps": 1})
     assert [c["language"] for c in calls] == [None, None] and all(c["steps"] == 1 for c in calls)
-    assert [(o.text, o.guard, o.batch_items) for o in outs] == [("y", None, 1)] * 2
+    assert [(o.text, o.guard, o.batch_items, o.tokens_before) for o in outs] == [("y", None, 1, None)] * 2
     assert isinstance(outs[0], AdaptOutput)
 
 
@@ -626,3 +628,6 @@ def test_smoke_profile_end_to_end_real_model(tmp_path):
     for d in s["domains"]:
         assert set(s["per_domain"][d]["methods"]) == {"none", "entropy", "pg", "em"}
     assert s["speed"]["em"]["tokens_per_s"] > 0
+    for r in _rows(tmp_path):  # adapted rows carry the token ids the guards saw, so guard_sweep can redo them
+        if r["method"] != "none":
+            assert r["tokens_before"] and all(isinstance(t, int) for t in r["tokens_before"] + r["tokens_adapted"])

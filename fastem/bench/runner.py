@@ -336,6 +336,8 @@ class AdaptOutput:
     text_adapted: str | None = None  # the adapted transcript whether or not a guard fired (AdaptResult.text_adapted)
     guard_reason: str | None = None
     scores: dict = field(default_factory=dict)  # AdaptResult.scores: what the guards looked at
+    tokens_before: list[int] | None = None  # token ids of text_before / text_adapted, so that the guards
+    tokens_adapted: list[int] | None = None  # can be re-decided offline exactly (benchmarks/guard_sweep.py)
 
 
 def _output(res, wall: float, batch_items: int = 1) -> AdaptOutput:
@@ -349,7 +351,13 @@ def _output(res, wall: float, batch_items: int = 1) -> AdaptOutput:
                        language=getattr(res, "language", None), history=list(getattr(res, "history", []) or []),
                        guard=None if guard is None else str(guard), batch_items=batch_items,
                        text_adapted=getattr(res, "text_adapted", None), guard_reason=getattr(res, "guard_reason", None),
-                       scores=dict(getattr(res, "scores", None) or {}))
+                       scores=dict(getattr(res, "scores", None) or {}),
+                       tokens_before=_ids(getattr(res, "tokens_before", None)),
+                       tokens_adapted=_ids(getattr(res, "tokens_adapted", None)))
+
+
+def _ids(tokens) -> list[int] | None:
+    return None if tokens is None else [int(t) for t in tokens]
 
 
 def _torch_dtype(name: str | None):
@@ -677,6 +685,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
                    "text_before": res.text_before, "errors": e, "ref_words": n, "errors_before": eb,
                    "changed": res.text != res.text_before, "guard": res.guard, "guard_reason": res.guard_reason,
                    "hyp_adapted": res.text_adapted, "scores": res.scores,
+                   "tokens_before": res.tokens_before, "tokens_adapted": res.tokens_adapted,
                    "errors_adapted": (_report.score(u.item.utt.text, res.text_adapted, u.dom.language)[0]
                                       if res.text_adapted is not None else None),
                    "seconds": res.seconds, "rtf": res.seconds / max(u.base["audio_seconds"], 1e-9),

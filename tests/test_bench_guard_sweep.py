@@ -1,0 +1,34 @@
+"""benchmarks/guard_sweep.py: offline re-decisions agree with the library's guards when rows carry token ids."""
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "guard_sweep.py"
+spec = importlib.util.spec_from_file_location("guard_sweep_bench", SCRIPT)
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+
+
+def _row(before, after, tokens_before=None, tokens_adapted=None, **scores):
+    row = {"ref": "x", "text_before": before, "hyp_adapted": after, "audio_seconds": 3.0,
+           "scores": {"entropy_before": 2.0, "source_before": -0.5, "source_after": -0.6, **scores}}
+    if tokens_before is not None:
+        row.update(tokens_before=tokens_before, tokens_adapted=tokens_adapted)
+    return sweep.normalized(row)
+
+
+def test_length_guard_counts_tokens_when_the_row_has_them():
+    # Two words either way, but the adapted transcript is 12 tokens against 3: the library's length guard
+    # (on tokens) rejects it; with words only the sweep cannot see it.
+    before, after = "hello world", "hellooooo wooorld"
+    with_ids = _row(before, after, tokens_before=[1, 2, 3], tokens_adapted=list(range(10, 22)))
+    words_only = _row(before, after)
+    assert sweep.decide(with_ids, max_drop=None, max_ratio=2.0) == before
+    assert sweep.decide(words_only, max_drop=None, max_ratio=2.0) == after
+
+
+def test_gate_and_confidence_thresholds():
+    row = _row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4], source_after=-1.0)
+    assert sweep.decide(row, max_drop=None, max_ratio=None) == "a b d"
+    assert sweep.decide(row, max_drop=0.4, max_ratio=None) == "a b c"  # the source model finds it 0.5 nats less likely
+    assert sweep.decide(row, max_drop=0.6, max_ratio=None) == "a b d"
+    assert sweep.decide(row, max_drop=None, max_ratio=None, min_entropy=2.5) == "a b c"  # gated: not adapted
