@@ -164,7 +164,8 @@ class AdaptResult:
     guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted).
     scores:                      the evidence behind the gate and the guards: ``entropy_before`` (mean
                                  next-token entropy along the unadapted greedy transcript), ``source_before``,
-                                 ``source_after`` (the source model's mean log-prob of each transcript).
+                                 ``source_after`` (the source model's mean log-prob of each transcript),
+                                 ``adapted_before``, ``adapted_after`` (the adapted model's).
     language:                    the language code used (given or detected), None if unknown.
     history:                     one dict per step: loss, entropy (mean token entropy of the step's
                                  hypotheses, before the update), length (mean tokens per hypothesis),
@@ -396,6 +397,7 @@ def _verdicts(cfg: AdaptConfig, before, after, scores, seconds) -> list:
     for (tb, idb), (ta, ida), sc, sec in zip(before, after, scores, seconds):
         ev = _guards.Evidence(text_before=tb, text_after=ta, tokens_before=idb, tokens_after=ida, seconds=sec,
                               source_logp_before=sc.get("source_before"), source_logp_after=sc.get("source_after"),
+                              adapted_logp_before=sc.get("adapted_before"), adapted_logp_after=sc.get("adapted_after"),
                               max_logp_drop=cfg.max_logp_drop, max_length_ratio=cfg.max_length_ratio)
         out.append(_guards.check(ev, cfg.guards))
     return out
@@ -466,12 +468,13 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
                                head=head)
                 for b, text in zip(active, _texts(processor, a_prompts, after)):
                     texts_after[b] = text
-                if "confidence" in cfg.guards:
+                if {"confidence", "consensus"} & set(cfg.guards):
+                    pairs = [[texts_before[b][1], texts_after[b][1]] for b in active]
+                    adapted = _mean_logp(model, cross, a_prompts, pairs, head, over=binding.over)
                     with source.swapped() if source is not None else contextlib.nullcontext():
-                        src = _mean_logp(model, cross_source, a_prompts,
-                                         [[texts_before[b][1], texts_after[b][1]] for b in active], head)
-                    for b, (a, z) in zip(active, src):
-                        scores[b].update(source_before=a, source_after=z)
+                        src = _mean_logp(model, cross_source, a_prompts, pairs, head)
+                    for b, (a, z), (a2, z2) in zip(active, src, adapted):
+                        scores[b].update(source_before=a, source_after=z, adapted_before=a2, adapted_after=z2)
         if state is None and not cfg.episodic:
             binding.commit(0)
         ok = True

@@ -24,7 +24,8 @@ class Evidence:
     """What the guards look at for one utterance.
 
     ``source_logp_*``: mean per-token log-probability that the unadapted (source) model gives the
-    unadapted / adapted transcript (teacher forced, EOS included), ``None`` when not computed.
+    unadapted / adapted transcript (teacher forced, EOS included), ``None`` when not computed;
+    ``adapted_logp_*``: the same under the adapted model.
     """
 
     text_before: str
@@ -34,6 +35,8 @@ class Evidence:
     seconds: float
     source_logp_before: float | None = None
     source_logp_after: float | None = None
+    adapted_logp_before: float | None = None
+    adapted_logp_after: float | None = None
     max_logp_drop: float = 1.5      # nats per token (the ``confidence`` guard)
     max_length_ratio: float = 2.0   # the ``length`` guard, with at least 4 tokens of difference
 
@@ -111,12 +114,28 @@ def confidence(ev: Evidence) -> str | None:
     return None
 
 
+def consensus(ev: Evidence) -> str | None:
+    """The source and the adapted model together prefer the unadapted transcript: the sum of their mean
+    per-token log-probs is higher for it (a product of the two models choosing between the two
+    transcripts; the adapted model's preference for its own must outweigh the source model's for its own)."""
+    values = (ev.source_logp_before, ev.source_logp_after, ev.adapted_logp_before, ev.adapted_logp_after)
+    if any(v is None for v in values) or ev.tokens_after == ev.tokens_before:
+        return None
+    drop = ev.source_logp_before - ev.source_logp_after
+    gain = ev.adapted_logp_after - ev.adapted_logp_before
+    if gain < drop:
+        return (f"adapted model prefers its transcript by {gain:.2f} nats per token, the source model its own "
+                f"by {drop:.2f}")
+    return None
+
+
 GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "empty": empty,
     "non_speech": non_speech,
     "repetition": repetition,
     "length": length,
     "confidence": confidence,
+    "consensus": consensus,  # opt-in: not among the defaults until the dev protocol shows it helps
 }
 DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence")
 

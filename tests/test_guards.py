@@ -107,3 +107,43 @@ def test_confidence_scores_are_the_source_models_log_probs(processor):
         logits[0, gc.begin_suppress_tokens] = float("-inf")
         lp = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):].unsqueeze(1)).mean()
         assert result.scores[key] == pytest.approx(float(lp), abs=1e-4)
+
+
+def test_consensus_fires_when_both_models_together_prefer_the_unadapted_transcript():
+    ev = evidence(after="the cap sat on the map", ta=[0, 9, 2, 3, 4, 8], source_logp_before=-0.4,
+                  source_logp_after=-0.7, adapted_logp_before=-0.5, adapted_logp_after=-0.3)
+    # the adapted model prefers its own by 0.2 nats per token, the source model its own by 0.3: rejected
+    name, reason = guards.check(ev, ("consensus",))
+    assert name == "consensus" and "by 0.20" in reason and "by 0.30" in reason
+    ev.adapted_logp_before = -0.65  # now the adapted model's preference (0.35) outweighs the source's
+    assert guards.check(ev, ("consensus",)) is None
+    assert "consensus" not in guards.DEFAULT_GUARDS  # opt-in until measured on the dev protocol
+    # without the scores, or when nothing changed, it cannot fire
+    assert guards.consensus(evidence(after="the cap", ta=[0, 9], source_logp_before=-0.1, source_logp_after=-9.0)) is None
+    same = evidence(source_logp_before=-0.1, source_logp_after=-0.1, adapted_logp_before=-0.1, adapted_logp_after=-0.1)
+    assert guards.consensus(same) is None
+
+
+def _teacher_forced_mean_logp(model, feats, toks):
+    prompt, eos = [50258, 50259, 50359, 50363], 50257
+    ids = torch.tensor([prompt + toks + [eos]])
+    with torch.no_grad():
+        logits = model(input_features=feats, decoder_input_ids=ids[:, :-1]).logits[0, len(prompt) - 1:].double()
+    gc = model.generation_config
+    logits[:, gc.suppress_tokens] = float("-inf")
+    logits[0, gc.begin_suppress_tokens] = float("-inf")
+    return float(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):].unsqueeze(1)).mean())
+
+
+@pytest.mark.parametrize("params", ["layernorm", "layernorm:decoder"])
+def test_adapted_scores_are_the_adapted_models_log_probs(processor, params):
+    """scores['adapted_before' / 'adapted_after'] are the mean log-probs of the unadapted / adapted transcripts
+    under the adapted model: kept in place (episodic=False), recomputed from the plain HF model's logits."""
+    model = tiny_whisper()
+    audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
+    result = fastem.adapt(model, audio, processor=processor, language="en", steps=2, num_samples=2, lr=1e-2,
+                          max_new_tokens=6, episodic=False, params=params, guards=("consensus",))
+    feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    for key, toks in (("adapted_before", result.tokens_before), ("adapted_after", result.tokens_adapted)):
+        assert result.scores[key] == pytest.approx(_teacher_forced_mean_logp(model, feats, toks), abs=1e-4)
+    assert result.scores["source_before"] != pytest.approx(result.scores["adapted_before"], abs=1e-6)  # it moved
