@@ -4,6 +4,7 @@
     python benchmarks/guard_sweep.py benchmarks/results/screen_base_rows.jsonl --method fastem
     python benchmarks/guard_sweep.py benchmarks/results/stream_tinyen_rows.jsonl --method episodic \\
         --gates 0,0.3,0.5,0.8
+    python benchmarks/guard_sweep.py out/dev_tinyen_scores/rows.jsonl --method fastem --consensus -0.1,0,0.1,0.2
 
 Every adapted row records the adapted transcript whether or not a guard fired (``hyp_adapted`` in the
 domain benchmark's rows, ``text_adapted`` in the stream's), the unadapted one (``text_before``) and the
@@ -43,10 +44,18 @@ def normalized(row: dict) -> dict:
             "tokens_before": row.get("tokens_before"), "tokens_adapted": row.get("tokens_adapted")}
 
 
-def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entropy: float = 0.0) -> str:
+def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entropy: float = 0.0,
+           consensus: float | None = None) -> str:
+    """The transcript the guards would return.  ``consensus``: also require the adapted model's preference for
+    its transcript to exceed the source model's for its own by this margin (0: the library's ``consensus``
+    guard); rows without the adapted model's scores keep the adapted transcript."""
     before, after, s = row["before"], row["adapted"], row["scores"]
     if min_entropy > 0 and s["entropy_before"] < min_entropy:
         return before
+    if consensus is not None and after != before and "adapted_after" in s and "source_after" in s:
+        gain, drop = s["adapted_after"] - s["adapted_before"], s["source_before"] - s["source_after"]
+        if gain < drop + consensus:
+            return before
     exact = row.get("tokens_before") is not None and row.get("tokens_adapted") is not None
     ev = guards.Evidence(text_before=before, text_after=after,
                          tokens_before=row["tokens_before"] if exact else before.split(),
@@ -108,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drops", default="none,0.5,1.0,1.5,2.0,3.0")
     ap.add_argument("--ratios", default="none,1.5,2.0")
     ap.add_argument("--gates", default="", help="min_entropy values to sweep (with the default guards)")
+    ap.add_argument("--consensus", default="", metavar="MARGINS",
+                    help="margins of the consensus rule to sweep (with the default guards and gate), e.g. -0.1,0,0.1")
     ap.add_argument("--backfill", metavar="DATA_DIR", default=None,
                     help="compute scores.entropy_before where rows lack it (needs the models and the data)")
     ap.add_argument("--save", default=None, help="with --backfill: write the completed rows here")
@@ -150,6 +161,16 @@ def main(argv=None) -> int:
             share = sum(r["scores"]["entropy_before"] >= gate for r in rows) / len(rows)
             print(f"| {gate:g} | {share:.0%} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} |")
+    if args.consensus:
+        scored = sum("adapted_after" in r["scores"] for r in rows)
+        print(f"\n{scored} of {len(rows)} rows have the adapted model's scores (the others keep their decision)")
+        print("| consensus margin | errors | rel. change | macro WER | rel. macro | worse / better | kept unadapted |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|")
+        for m in ["off"] + args.consensus.split(","):
+            margin = None if m == "off" else float(m)
+            ev = evaluate(rows, base, lambda r: decide(r, 1.5, 2.0, 1.0, consensus=margin))
+            print(f"| {m} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
+                  f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | {ev['kept']} |")
     return 0
 
 

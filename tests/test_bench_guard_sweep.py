@@ -32,3 +32,19 @@ def test_gate_and_confidence_thresholds():
     assert sweep.decide(row, max_drop=0.4, max_ratio=None) == "a b c"  # the source model finds it 0.5 nats less likely
     assert sweep.decide(row, max_drop=0.6, max_ratio=None) == "a b d"
     assert sweep.decide(row, max_drop=None, max_ratio=None, min_entropy=2.5) == "a b c"  # gated: not adapted
+
+
+def test_consensus_margin_matches_the_library_guard_at_zero():
+    from fastem import guards
+
+    row = _row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4], source_before=-0.4,
+               source_after=-0.7, adapted_before=-0.5, adapted_after=-0.3)  # gain 0.2 < drop 0.3
+    ev = guards.Evidence(text_before="a b c", text_after="a b d", tokens_before=[1, 2, 3], tokens_after=[1, 2, 4],
+                         seconds=3.0, source_logp_before=-0.4, source_logp_after=-0.7, adapted_logp_before=-0.5,
+                         adapted_logp_after=-0.3)
+    assert guards.consensus(ev) is not None
+    assert sweep.decide(row, max_drop=None, max_ratio=None, consensus=0.0) == "a b c"
+    assert sweep.decide(row, max_drop=None, max_ratio=None, consensus=-0.15) == "a b d"  # a looser margin keeps it
+    assert sweep.decide(row, max_drop=None, max_ratio=None) == "a b d"  # off
+    old = _row("a b c", "a b d")  # a row from before the adapted model's scores were recorded: no decision
+    assert sweep.decide(old, max_drop=None, max_ratio=None, consensus=0.0) == "a b d"
