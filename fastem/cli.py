@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .adapt import AdaptConfig
+from .guards import GUARDS
 from .objective import OBJECTIVES
 
 __all__ = ["main", "build_parser"]
@@ -28,6 +29,17 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--min-entropy", type=float, default=d.min_entropy, metavar="NATS",
                    help="do not adapt on a clip whose unadapted transcript has a mean token entropy below this "
                         f"(default {d.min_entropy:g}; 0 adapts every clip)")
+    p.add_argument("--guards", type=_guard_names, default=d.guards, metavar="NAMES",
+                   help=f"comma-separated guards that may reject the adapted transcript, 'none' for none "
+                        f"(default {','.join(d.guards)}; known: {','.join(GUARDS)})")
+
+
+def _guard_names(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
+    unknown = [n for n in names if n not in GUARDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown guard(s) {', '.join(unknown)}; known: {', '.join(GUARDS)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +83,7 @@ def _references(args) -> dict[str, str]:
 
 def _config(args) -> AdaptConfig:
     return AdaptConfig(steps=args.steps, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
-                       params=args.params, seed=args.seed, min_entropy=args.min_entropy)
+                       params=args.params, seed=args.seed, min_entropy=args.min_entropy, guards=args.guards)
 
 
 def _load(args):

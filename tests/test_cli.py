@@ -180,3 +180,21 @@ def test_batch_size_groups_the_files(files, fake_model, capsys):
     assert [("error" in r) for r in rows] == [False, True, False, False]
     assert fake_model["batches"] == [1, 2]  # the missing file leaves one good file in the first pair
     assert all(r["after"] == "after text" for r in rows if "error" not in r)
+
+
+def test_guards_option(files, fake_model, capsys, monkeypatch):
+    seen = []
+    real = ADAPT_MODULE.adapt_batch
+
+    def spy(model, audios, **kw):
+        seen.append(kw["config"].guards)
+        return real(model, audios, **kw)
+
+    monkeypatch.setattr(ADAPT_MODULE, "adapt_batch", spy)
+    assert main(["transcribe", files["good"], "--adapt", "--guards", "empty,consensus"]) == 0
+    assert main(["transcribe", files["good"], "--adapt", "--guards", "none"]) == 0
+    assert main(["transcribe", files["good"], "--adapt"]) == 0
+    assert seen == [("empty", "consensus"), (), fastem.AdaptConfig().guards]
+    with pytest.raises(SystemExit):
+        main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
+    assert "unknown guard(s) nonsense" in capsys.readouterr().err
