@@ -135,9 +135,9 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "repetition": repetition,
     "length": length,
     "confidence": confidence,
-    "consensus": consensus,  # opt-in: not among the defaults until the dev protocol shows it helps
+    "consensus": consensus,
 }
-DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence")
+DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus")
 
 
 def check(ev: Evidence, names=DEFAULT_GUARDS) -> tuple[str, str] | None:

@@ -117,7 +117,7 @@ def test_consensus_fires_when_both_models_together_prefer_the_unadapted_transcri
     assert name == "consensus" and "by 0.20" in reason and "by 0.30" in reason
     ev.adapted_logp_before = -0.65  # now the adapted model's preference (0.35) outweighs the source's
     assert guards.check(ev, ("consensus",)) is None
-    assert "consensus" not in guards.DEFAULT_GUARDS  # opt-in until measured on the dev protocol
+    assert "consensus" in guards.DEFAULT_GUARDS
     # without the scores, or when nothing changed, it cannot fire
     assert guards.consensus(evidence(after="the cap", ta=[0, 9], source_logp_before=-0.1, source_logp_after=-9.0)) is None
     same = evidence(source_logp_before=-0.1, source_logp_after=-0.1, adapted_logp_before=-0.1, adapted_logp_after=-0.1)
