@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastem import guards  # noqa: E402
+from fastem import AdaptConfig, guards  # noqa: E402
 from fastem.bench.report import score  # noqa: E402
 
 
@@ -52,19 +52,17 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
     before, after, s = row["before"], row["adapted"], row["scores"]
     if min_entropy > 0 and s["entropy_before"] < min_entropy:
         return before
-    if consensus is not None and after != before and "adapted_after" in s and "source_after" in s:
-        gain, drop = s["adapted_after"] - s["adapted_before"], s["source_before"] - s["source_after"]
-        if gain < drop + consensus:
-            return before
     exact = row.get("tokens_before") is not None and row.get("tokens_adapted") is not None
     ev = guards.Evidence(text_before=before, text_after=after,
                          tokens_before=row["tokens_before"] if exact else before.split(),
                          tokens_after=row["tokens_adapted"] if exact else after.split(), seconds=row["seconds"],
                          source_logp_before=s.get("source_before"), source_logp_after=s.get("source_after"),
+                         adapted_logp_before=s.get("adapted_before"), adapted_logp_after=s.get("adapted_after"),
                          max_logp_drop=max_drop if max_drop is not None else float("inf"),
-                         max_length_ratio=max_ratio if max_ratio is not None else float("inf"))
+                         max_length_ratio=max_ratio if max_ratio is not None else float("inf"),
+                         consensus_margin=consensus or 0.0)
     names = ("empty", "non_speech", "repetition") + (("length",) if max_ratio else ()) + (
-        ("confidence",) if max_drop else ())
+        ("confidence",) if max_drop else ()) + (("consensus",) if consensus is not None else ())
     return before if guards.check(ev, names) else after
 
 
@@ -136,6 +134,7 @@ def main(argv=None) -> int:
             with open(args.save, "w") as f:
                 for r, row in zip(raw, rows):
                     f.write(json.dumps({**r, "scores": row["scores"]}) + "\n")
+    lib = AdaptConfig()  # the library's thresholds, for the gate and consensus sweeps
     base = [score(r["ref"], r["before"], r["language"]) for r in rows]
     e0 = sum(e for e, _ in base)
     print(f"{len(rows)} rows of {args.method}; unadapted errors {e0} / {sum(n for _, n in base)} words")
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
               "|---:|---:|---:|---:|---:|---:|---:|")
         for g in args.gates.split(","):
             gate = float(g)
-            ev = evaluate(rows, base, lambda r: decide(r, 1.5, 2.0, gate))
+            ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, gate))
             share = sum(r["scores"]["entropy_before"] >= gate for r in rows) / len(rows)
             print(f"| {gate:g} | {share:.0%} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} |")
@@ -168,7 +167,8 @@ def main(argv=None) -> int:
               "|---:|---:|---:|---:|---:|---:|---:|")
         for m in ["off"] + args.consensus.split(","):
             margin = None if m == "off" else float(m)
-            ev = evaluate(rows, base, lambda r: decide(r, 1.5, 2.0, 1.0, consensus=margin))
+            ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.min_entropy,
+                                                      consensus=margin))
             print(f"| {m} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | {ev['kept']} |")
     return 0

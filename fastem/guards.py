@@ -39,6 +39,7 @@ class Evidence:
     adapted_logp_after: float | None = None
     max_logp_drop: float = 1.5      # nats per token (the ``confidence`` guard)
     max_length_ratio: float = 2.0   # the ``length`` guard, with at least 4 tokens of difference
+    consensus_margin: float = 0.0   # the ``consensus`` guard: how much more the adapted model must prefer its own
 
 
 def compression_ratio(text: str) -> float:
@@ -123,7 +124,7 @@ def consensus(ev: Evidence) -> str | None:
         return None
     drop = ev.source_logp_before - ev.source_logp_after
     gain = ev.adapted_logp_after - ev.adapted_logp_before
-    if gain < drop:
+    if gain < drop + ev.consensus_margin:
         return (f"adapted model prefers its transcript by {gain:.2f} nats per token, the source model its own "
                 f"by {drop:.2f}")
     return None

@@ -108,6 +108,8 @@ def test_consensus_fires_when_both_models_together_prefer_the_unadapted_transcri
     assert name == "consensus" and "by 0.20" in reason and "by 0.30" in reason
     ev.adapted_logp_before = -0.65  # now the adapted model's preference (0.35) outweighs the source's
     assert guards.check(ev, ("consensus",)) is None
+    ev.consensus_margin = 0.1  # a stricter rule (guard_sweep's margins): 0.35 < 0.3 + 0.1, rejected again
+    assert guards.check(ev, ("consensus",))[0] == "consensus"
     assert "consensus" in guards.DEFAULT_GUARDS
     # without the scores, or when nothing changed, it cannot fire
     assert guards.consensus(evidence(after="the cap", ta=[0, 9], source_logp_before=-0.1, source_logp_after=-9.0)) is None
