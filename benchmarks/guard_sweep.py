@@ -5,6 +5,7 @@
     python benchmarks/guard_sweep.py benchmarks/results/stream_tinyen_rows.jsonl --method episodic \\
         --gates 0,0.3,0.5,0.8
     python benchmarks/guard_sweep.py out/dev_tinyen_scores/rows.jsonl --method fastem --consensus -0.1,0,0.1,0.2
+    python benchmarks/guard_sweep.py benchmarks/results/dev_base_rows.jsonl --method fastem --tradeoff 1.5,0.5,0.2,0
 
 Every adapted row records the adapted transcript whether or not a guard fired (``hyp_adapted`` in the
 domain benchmark's rows, ``text_adapted`` in the stream's), the unadapted one (``text_before``) and the
@@ -62,7 +63,7 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
                          max_length_ratio=max_ratio if max_ratio is not None else float("inf"),
                          consensus_margin=consensus or 0.0)
     names = ("empty", "non_speech", "repetition") + (("length",) if max_ratio else ()) + (
-        ("confidence",) if max_drop else ()) + (("consensus",) if consensus is not None else ())
+        ("confidence",) if max_drop is not None else ()) + (("consensus",) if consensus is not None else ())
     return before if guards.check(ev, names) else after
 
 
@@ -108,6 +109,16 @@ def evaluate(rows: list[dict], base: list[tuple[int, int]], choose) -> dict:
             "domains": len(per_domain)}
 
 
+def tradeoff(rows: list[dict], base: list[tuple[int, int]], drops: list[float]) -> list[dict]:
+    """The harm / gain trade-off: every library default (gate, length, consensus) with the confidence guard's
+    ``max_logp_drop`` at each of ``drops`` (0: the source model must not find the adapted transcript any less
+    likely than its own greedy one)."""
+    lib = AdaptConfig()
+    return [{"drop": drop, **evaluate(rows, base, lambda r: decide(r, drop, lib.max_length_ratio, lib.min_entropy,
+                                                                   consensus=0.0))}
+            for drop in drops]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="+")
@@ -117,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gates", default="", help="min_entropy values to sweep (with the default guards)")
     ap.add_argument("--consensus", default="", metavar="MARGINS",
                     help="margins of the consensus rule to sweep (with the default guards and gate), e.g. -0.1,0,0.1")
+    ap.add_argument("--tradeoff", default="", metavar="DROPS",
+                    help="max_logp_drop values to sweep with every other default (gate, length, consensus)")
     ap.add_argument("--backfill", metavar="DATA_DIR", default=None,
                     help="compute scores.entropy_before where rows lack it (needs the models and the data)")
     ap.add_argument("--save", default=None, help="with --backfill: write the completed rows here")
@@ -171,6 +184,13 @@ def main(argv=None) -> int:
                                                       consensus=margin))
             print(f"| {m} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | {ev['kept']} |")
+    if args.tradeoff:
+        print("\n| max_logp_drop (with gate, consensus) | errors | rel. change | macro WER | rel. macro | "
+              "worse / better | % worse | kept unadapted |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for ev in tradeoff(rows, base, [float(d) for d in args.tradeoff.split(",")]):
+            print(f"| {ev['drop']:g} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
+                  f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | "
+                  f"{ev['worse'] / len(rows):.1%} | {ev['kept']} |")
     return 0
 
 

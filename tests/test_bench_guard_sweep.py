@@ -48,3 +48,17 @@ def test_consensus_margin_matches_the_library_guard_at_zero():
     assert sweep.decide(row, max_drop=None, max_ratio=None) == "a b d"  # off
     old = _row("a b c", "a b d")  # a row from before the adapted model's scores were recorded: no decision
     assert sweep.decide(old, max_drop=None, max_ratio=None, consensus=0.0) == "a b d"
+
+
+def test_tradeoff_tightens_the_confidence_guard_on_top_of_consensus():
+    # Both rows pass consensus (the adapted model gains more than the source loses); the source model finds the
+    # first adapted transcript 0.3 nats less likely, the second 0.1 nats more likely.
+    rows = [{**_row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4], source_before=-0.4,
+                    source_after=-0.7, adapted_before=-0.5, adapted_after=0.0), "ref": "a b c"},
+            {**_row("x y", "x z", tokens_before=[5, 6], tokens_adapted=[5, 7], source_before=-0.5,
+                    source_after=-0.4, adapted_before=-0.5, adapted_after=-0.2), "ref": "x z"}]
+    base = [sweep.score(r["ref"], r["before"], r["language"]) for r in rows]
+    loose, strict = sweep.tradeoff(rows, base, [1.5, 0.0])
+    assert (loose["worse"], loose["better"]) == (1, 1)  # the first change is harmful, the second helps
+    assert (strict["worse"], strict["better"]) == (0, 1)  # a drop of 0 rejects the first and keeps the second
+    assert strict["kept"] == 1
