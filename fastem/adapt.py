@@ -65,7 +65,9 @@ class AdaptConfig:
     guards:         names from :data:`fastem.guards.GUARDS` checked after adaptation; when one fires
                     the unadapted transcript is returned (``()`` disables them).
     max_logp_drop:  the "confidence" guard: largest drop (nats per token) of the source model's mean
-                    log-prob from the unadapted to the adapted transcript.
+                    log-prob from the unadapted to the adapted transcript.  0 accepts only adapted
+                    transcripts the source model finds at least as likely as its own greedy one (a
+                    search correction): on the dev protocol no utterance got worse, for half the gain.
     max_length_ratio: the "length" guard: largest ratio of the adapted transcript's token count to the
                     unadapted one's, either way (with at least 4 tokens of difference).
 
@@ -131,8 +133,8 @@ class AdaptConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
-        if not self.max_logp_drop > 0 or not self.max_length_ratio > 1:
-            raise ValueError("max_logp_drop must be > 0 and max_length_ratio > 1, got "
+        if not self.max_logp_drop >= 0 or not self.max_length_ratio > 1:
+            raise ValueError("max_logp_drop must be >= 0 and max_length_ratio > 1, got "
                              f"{self.max_logp_drop!r}, {self.max_length_ratio!r}")
         if not self.min_entropy >= 0.0:
             raise ValueError(f"min_entropy must be >= 0 (nats per token; 0 adapts every utterance), got {self.min_entropy!r}")

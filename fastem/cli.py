@@ -29,6 +29,10 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--min-entropy", type=float, default=d.min_entropy, metavar="NATS",
                    help="do not adapt on a clip whose unadapted transcript has a mean token entropy below this "
                         f"(default {d.min_entropy:g}; 0 adapts every clip)")
+    p.add_argument("--max-logp-drop", type=float, default=d.max_logp_drop, metavar="NATS",
+                   help="the confidence guard: keep the unadapted transcript when the unadapted model finds the "
+                        f"adapted one more than NATS per token less likely than its own (default {d.max_logp_drop:g}; "
+                        "0: accept only transcripts the unadapted model also prefers, the safe setting)")
     p.add_argument("--guards", type=_guard_names, default=d.guards, metavar="NAMES",
                    help=f"comma-separated guards that may reject the adapted transcript, 'none' for none "
                         f"(default {','.join(d.guards)}; known: {','.join(GUARDS)})")
@@ -83,7 +87,8 @@ def _references(args) -> dict[str, str]:
 
 def _config(args) -> AdaptConfig:
     return AdaptConfig(steps=args.steps, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
-                       params=args.params, seed=args.seed, min_entropy=args.min_entropy, guards=args.guards)
+                       params=args.params, seed=args.seed, min_entropy=args.min_entropy, guards=args.guards,
+                       max_logp_drop=args.max_logp_drop)
 
 
 def _load(args):

@@ -182,12 +182,13 @@ def test_batch_size_groups_the_files(files, fake_model, capsys):
     assert all(r["after"] == "after text" for r in rows if "error" not in r)
 
 
-def test_guards_option(files, fake_model, capsys, monkeypatch):
-    seen = []
+def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch):
+    seen, drops = [], []
     real = ADAPT_MODULE.adapt_batch
 
     def spy(model, audios, **kw):
         seen.append(kw["config"].guards)
+        drops.append(kw["config"].max_logp_drop)
         return real(model, audios, **kw)
 
     monkeypatch.setattr(ADAPT_MODULE, "adapt_batch", spy)
@@ -195,6 +196,8 @@ def test_guards_option(files, fake_model, capsys, monkeypatch):
     assert main(["transcribe", files["good"], "--adapt", "--guards", "none"]) == 0
     assert main(["transcribe", files["good"], "--adapt"]) == 0
     assert seen == [("empty", "consensus"), (), fastem.AdaptConfig().guards]
+    assert main(["transcribe", files["good"], "--adapt", "--max-logp-drop", "0"]) == 0
+    assert drops == [fastem.AdaptConfig().max_logp_drop] * 3 + [0.0]
     with pytest.raises(SystemExit):
         main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
     assert "unknown guard(s) nonsense" in capsys.readouterr().err

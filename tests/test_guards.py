@@ -57,6 +57,15 @@ def test_confidence_drop_fires_past_the_threshold():
     assert guards.check(ev) is None
 
 
+def test_confidence_at_zero_accepts_only_what_the_source_model_also_prefers():
+    ev = evidence(after="the cap sat on the map", ta=[0, 9, 2, 3, 4, 8], source_logp_before=-0.40,
+                  source_logp_after=-0.41, max_logp_drop=0.0)
+    assert guards.confidence(ev) is not None  # any drop at all
+    ev.source_logp_after = -0.39  # the source model prefers the adapted transcript: a search correction
+    assert guards.confidence(ev) is None
+    fastem.AdaptConfig(max_logp_drop=0.0)  # a valid setting
+
+
 def test_unknown_guard_is_named():
     with pytest.raises(ValueError, match="unknown guard"):
         guards.check(evidence(), names=("nonsense",))
