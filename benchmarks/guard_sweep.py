@@ -6,6 +6,8 @@
         --gates 0,0.3,0.5,0.8
     python benchmarks/guard_sweep.py out/dev_tinyen_scores/rows.jsonl --method fastem --consensus -0.1,0,0.1,0.2
     python benchmarks/guard_sweep.py benchmarks/results/dev_base_rows.jsonl --method fastem --tradeoff 1.5,0.5,0.2,0
+    python benchmarks/guard_sweep.py benchmarks/results/dev_tinyen_rows.jsonl --method fastem --backfill ../shared/data \
+        --verifier base --save out/tinyen_verified.jsonl --verifier-drops 0,0.1,0.2
 
 Every adapted row records the adapted transcript whether or not a guard fired (``hyp_adapted`` in the
 domain benchmark's rows, ``text_adapted`` in the stream's), the unadapted one (``text_before``) and the
@@ -46,10 +48,11 @@ def normalized(row: dict) -> dict:
 
 
 def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entropy: float = 0.0,
-           consensus: float | None = None) -> str:
+           consensus: float | None = None, verifier_drop: float | None = None) -> str:
     """The transcript the guards would return.  ``consensus``: also require the adapted model's preference for
     its transcript to exceed the source model's for its own by this margin (0: the library's ``consensus``
-    guard); rows without the adapted model's scores keep the adapted transcript."""
+    guard); rows without the adapted model's scores keep the adapted transcript.  ``verifier_drop``: the
+    ``verifier`` guard at this threshold, on the rows' ``scores.verifier_before/after`` (``--verifier``)."""
     before, after, s = row["before"], row["adapted"], row["scores"]
     if min_entropy > 0 and s["entropy_before"] < min_entropy:
         return before
@@ -61,17 +64,27 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
                          adapted_logp_before=s.get("adapted_before"), adapted_logp_after=s.get("adapted_after"),
                          max_logp_drop=max_drop if max_drop is not None else float("inf"),
                          max_length_ratio=max_ratio if max_ratio is not None else float("inf"),
-                         consensus_margin=consensus or 0.0)
+                         consensus_margin=consensus or 0.0, verifier_logp_before=s.get("verifier_before"),
+                         verifier_logp_after=s.get("verifier_after"),
+                         max_verifier_drop=verifier_drop if verifier_drop is not None else float("inf"))
     names = ("empty", "non_speech", "repetition") + (("length",) if max_ratio else ()) + (
-        ("confidence",) if max_drop is not None else ()) + (("consensus",) if consensus is not None else ())
+        ("confidence",) if max_drop is not None else ()) + (("consensus",) if consensus is not None else ()) + (
+        ("verifier",) if verifier_drop is not None else ())
     return before if guards.check(ev, names) else after
+
+
+def _audio(r: dict, data_dir: str):
+    """The row's utterance as the domain benchmark made it (16 kHz mono)."""
+    from fastem.bench.data import load_manifest
+    from fastem.bench.domains import DOMAINS
+
+    utt = next(u for u in load_manifest(data_dir, r["corpus"]) if u.utt_id == r["utt_id"])
+    return DOMAINS[r["domain"]].load(utt, data_dir=data_dir)
 
 
 def backfill(rows: list[dict], raw: list[dict], data_dir: str) -> None:
     """Add ``scores.entropy_before`` where it is missing: a greedy pass with the row's model and audio."""
     import fastem
-    from fastem.bench.data import load_manifest
-    from fastem.bench.domains import DOMAINS
 
     models: dict = {}
     for row, r in zip(rows, raw):
@@ -81,12 +94,33 @@ def backfill(rows: list[dict], raw: list[dict], data_dir: str) -> None:
         if name not in models:
             models[name] = fastem.load_whisper(name)
         model, processor = models[name]
-        utt = next(u for u in load_manifest(data_dir, r["corpus"]) if u.utt_id == r["utt_id"])
-        audio = DOMAINS[r["domain"]].load(utt, data_dir=data_dir)
+        audio = _audio(r, data_dir)
         res = fastem.adapt(model, audio, processor=processor, language=r.get("language"), steps=0, guards=())
         if res.text_before != row["before"]:
             print(f"note: {r['domain']}/{r['utt_id']}: the greedy transcript differs from the row's", file=sys.stderr)
         row["scores"] = {**row["scores"], "entropy_before": res.scores["entropy_before"]}
+
+
+def score_verifier(rows: list[dict], raw: list[dict], data_dir: str, name: str) -> int:
+    """Add ``scores.verifier_before/after`` (the library's :func:`fastem.verifier.verifier_scores` under the
+    checkpoint ``name``) to every row whose adapted transcript differs from the unadapted one; returns how
+    many rows were scored.  Exactly what ``AdaptConfig(verifier=name)`` computes: the verifier never changes
+    the adaptation, only the choice between the two transcripts."""
+    import torch
+
+    from fastem.verifier import load_verifier, verifier_scores
+
+    model, processor = load_verifier(name, torch.device("cpu"))
+    done = 0
+    for row, r in zip(rows, raw):
+        if row["adapted"] == row["before"] or "verifier_before" in row["scores"]:
+            continue
+        vote = verifier_scores(model, processor, [_audio(r, data_dir)], [[row["before"], row["adapted"]]],
+                               [row["language"]])[0]
+        if vote is not None:
+            row["scores"] = {**row["scores"], "verifier_before": vote[0], "verifier_after": vote[1]}
+            done += 1
+    return done
 
 
 def evaluate(rows: list[dict], base: list[tuple[int, int]], choose) -> dict:
@@ -130,6 +164,10 @@ def main(argv=None) -> int:
                     help="margins of the consensus rule to sweep (with the default guards and gate), e.g. -0.1,0,0.1")
     ap.add_argument("--tradeoff", default="", metavar="DROPS",
                     help="max_logp_drop values to sweep with every other default (gate, length, consensus)")
+    ap.add_argument("--verifier", metavar="NAME", default=None,
+                    help="with --backfill: score the changed rows under this second checkpoint (AdaptConfig.verifier)")
+    ap.add_argument("--verifier-drops", default="", metavar="DROPS",
+                    help="max_verifier_drop values to sweep with every other default (rows need verifier scores)")
     ap.add_argument("--backfill", metavar="DATA_DIR", default=None,
                     help="compute scores.entropy_before where rows lack it (needs the models and the data)")
     ap.add_argument("--save", default=None, help="with --backfill: write the completed rows here")
@@ -141,8 +179,13 @@ def main(argv=None) -> int:
         print(f"no rows of method {args.method!r} with an adapted transcript", file=sys.stderr)
         return 1
     rows = [normalized(r) for r in raw]
+    if args.verifier and not args.backfill:
+        ap.error("--verifier needs --backfill DATA_DIR (the audio)")
     if args.backfill:
         backfill(rows, raw, args.backfill)
+        if args.verifier:
+            print(f"verifier {args.verifier}: scored {score_verifier(rows, raw, args.backfill, args.verifier)} rows",
+                  file=sys.stderr)
         if args.save:
             with open(args.save, "w") as f:
                 for r, row in zip(raw, rows):
@@ -184,13 +227,26 @@ def main(argv=None) -> int:
                                                       consensus=margin))
             print(f"| {m} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | {ev['kept']} |")
+    full = ("errors | rel. change | macro WER | rel. macro | worse / better | % worse | kept unadapted |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def line(label, ev):
+        return (f"| {label} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
+                f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | "
+                f"{ev['worse'] / len(rows):.1%} | {ev['kept']} |")
+
+    if args.verifier_drops:
+        voted = sum("verifier_before" in r["scores"] for r in rows)
+        print(f"\n{voted} of {len(rows)} rows have the verifier's scores (the others keep their decision)")
+        print("| max_verifier_drop (with every default) | " + full)
+        for d in ["off"] + args.verifier_drops.split(","):
+            drop = None if d == "off" else float(d)
+            print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
+                                                                lib.min_entropy, consensus=0.0, verifier_drop=drop))))
     if args.tradeoff:
-        print("\n| max_logp_drop (with gate, consensus) | errors | rel. change | macro WER | rel. macro | "
-              "worse / better | % worse | kept unadapted |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| max_logp_drop (with gate, consensus) | " + full)
         for ev in tradeoff(rows, base, [float(d) for d in args.tradeoff.split(",")]):
-            print(f"| {ev['drop']:g} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
-                  f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | "
-                  f"{ev['worse'] / len(rows):.1%} | {ev['kept']} |")
+            print(line(f"{ev['drop']:g}", ev))
     return 0
 
 

@@ -25,7 +25,8 @@ class Evidence:
 
     ``source_logp_*``: mean per-token log-probability that the unadapted (source) model gives the
     unadapted / adapted transcript (teacher forced, EOS included), ``None`` when not computed;
-    ``adapted_logp_*``: the same under the adapted model.
+    ``adapted_logp_*``: the same under the adapted model; ``verifier_logp_*``: the same under a second
+    checkpoint (:mod:`fastem.verifier`), ``None`` without one.
     """
 
     text_before: str
@@ -40,6 +41,9 @@ class Evidence:
     max_logp_drop: float = 1.5      # nats per token (the ``confidence`` guard)
     max_length_ratio: float = 2.0   # the ``length`` guard, with at least 4 tokens of difference
     consensus_margin: float = 0.0   # the ``consensus`` guard: how much more the adapted model must prefer its own
+    verifier_logp_before: float | None = None
+    verifier_logp_after: float | None = None
+    max_verifier_drop: float = 0.1  # nats per token (the ``verifier`` guard)
 
 
 def compression_ratio(text: str) -> float:
@@ -104,15 +108,19 @@ def length(ev: Evidence) -> str | None:
     return None
 
 
+def _drop(who: str, before: float | None, after: float | None, limit: float, ev: Evidence) -> str | None:
+    """``who`` finds the adapted transcript more than ``limit`` nats per token less likely than the unadapted one."""
+    if before is None or after is None or ev.tokens_after == ev.tokens_before:
+        return None
+    drop = before - after
+    if drop > limit:
+        return f"{who} log-prob per token {after:.2f} vs {before:.2f} unadapted (drop {drop:.2f} > {limit:g})"
+    return None
+
+
 def confidence(ev: Evidence) -> str | None:
     """The source model finds the adapted transcript much less likely than its own."""
-    if ev.source_logp_after is None or ev.source_logp_before is None or ev.tokens_after == ev.tokens_before:
-        return None
-    drop = ev.source_logp_before - ev.source_logp_after
-    if drop > ev.max_logp_drop:
-        return (f"source model log-prob per token {ev.source_logp_after:.2f} vs {ev.source_logp_before:.2f} "
-                f"unadapted (drop {drop:.2f} > {ev.max_logp_drop:g})")
-    return None
+    return _drop("source model", ev.source_logp_before, ev.source_logp_after, ev.max_logp_drop, ev)
 
 
 def consensus(ev: Evidence) -> str | None:
@@ -130,6 +138,12 @@ def consensus(ev: Evidence) -> str | None:
     return None
 
 
+def verifier(ev: Evidence) -> str | None:
+    """A second checkpoint finds the adapted transcript less likely than the unadapted one, by more than
+    ``max_verifier_drop`` nats per token (no verifier, or one that cannot judge the language: passes)."""
+    return _drop("verifier", ev.verifier_logp_before, ev.verifier_logp_after, ev.max_verifier_drop, ev)
+
+
 GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "empty": empty,
     "non_speech": non_speech,
@@ -137,6 +151,7 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "length": length,
     "confidence": confidence,
     "consensus": consensus,
+    "verifier": verifier,
 }
 DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus")
 

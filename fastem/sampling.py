@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import ops
 from .whisper import CrossKV, LayerNormOverrides, SelfKV, decoder_forward
 
-__all__ = ["Prompt", "Hypotheses", "Head", "build_prompts", "decode", "score", "language_code"]
+__all__ = ["Prompt", "Hypotheses", "Head", "build_prompts", "decode", "score", "mean_logp", "language_code"]
 
 
 @dataclass
@@ -328,3 +328,22 @@ def score(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *, tem
             entropy = entropy.index_put(idx, ent.float())
             logp = logp.index_put(idx, lp.float())
     return entropy, logp, mask
+
+
+def mean_logp(model, cross: CrossKV, prompts: list[Prompt], tokens: list[list[list[int]]], head: Head | None = None,
+              over: LayerNormOverrides | None = None) -> list[list[float]]:
+    """Mean per-token log-prob (EOS included) of transcripts, teacher forced: ``tokens[b]`` lists the
+    transcripts of utterance ``b`` (the same number for each utterance)."""
+    eos = prompts[0].eos_id
+    per = len(tokens[0])
+    rows = [t + [eos] for group in tokens for t in group]
+    width = max(len(r) for r in rows)
+    device = cross.keys[0].device
+    ids = torch.full((len(rows), width), eos, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, device=device)
+    hyps = Hypotheses(tokens=ids, lengths=torch.tensor([len(r) for r in rows], device=device),
+                      logp=torch.zeros(ids.shape, device=device), groups=[per] * len(tokens))
+    _, logp, mask = score(model, cross, prompts, hyps, backend="torch", over=over, head=head)
+    mean = (logp.sum(1) / mask.sum(1)).tolist()
+    return [mean[b * per:(b + 1) * per] for b in range(len(tokens))]

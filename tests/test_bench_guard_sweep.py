@@ -62,3 +62,13 @@ def test_tradeoff_tightens_the_confidence_guard_on_top_of_consensus():
     assert (loose["worse"], loose["better"]) == (1, 1)  # the first change is harmful, the second helps
     assert (strict["worse"], strict["better"]) == (0, 1)  # a drop of 0 rejects the first and keeps the second
     assert strict["kept"] == 1
+
+
+def test_verifier_drop_re_decides_through_the_library_guard():
+    row = _row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4], verifier_before=-0.5,
+               verifier_after=-0.7)
+    assert sweep.decide(row, max_drop=None, max_ratio=None) == "a b d"  # off
+    assert sweep.decide(row, max_drop=None, max_ratio=None, verifier_drop=0.1) == "a b c"  # a drop of 0.2 > 0.1
+    assert sweep.decide(row, max_drop=None, max_ratio=None, verifier_drop=0.3) == "a b d"
+    unscored = _row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4])
+    assert sweep.decide(unscored, max_drop=None, max_ratio=None, verifier_drop=0.0) == "a b d"  # no vote: kept

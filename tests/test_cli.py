@@ -183,12 +183,13 @@ def test_batch_size_groups_the_files(files, fake_model, capsys):
 
 
 def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch):
-    seen, drops = [], []
+    seen, drops, verifiers = [], [], []
     real = ADAPT_MODULE.adapt_batch
 
     def spy(model, audios, **kw):
         seen.append(kw["config"].guards)
         drops.append(kw["config"].max_logp_drop)
+        verifiers.append((kw["config"].verifier, kw["config"].max_verifier_drop))
         return real(model, audios, **kw)
 
     monkeypatch.setattr(ADAPT_MODULE, "adapt_batch", spy)
@@ -198,6 +199,8 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert seen == [("empty", "consensus"), (), fastem.AdaptConfig().guards]
     assert main(["transcribe", files["good"], "--adapt", "--max-logp-drop", "0"]) == 0
     assert drops == [fastem.AdaptConfig().max_logp_drop] * 3 + [0.0]
+    assert main(["transcribe", files["good"], "--adapt", "--verifier", "tiny.en", "--max-verifier-drop", "0.2"]) == 0
+    assert verifiers[-1] == ("tiny.en", 0.2) and verifiers[0] == (None, fastem.AdaptConfig().max_verifier_drop)
     with pytest.raises(SystemExit):
         main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
     assert "unknown guard(s) nonsense" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 
 import fastem
 from fastem import guards
-from tiny_whisper import tiny_whisper
+from tiny_whisper import teacher_forced_mean_logp, tiny_whisper
 
 adapt_module = importlib.import_module("fastem.adapt")
 
@@ -55,6 +55,19 @@ def test_confidence_drop_fires_past_the_threshold():
     assert name == "confidence" and "drop 0.80" in reason
     ev.max_logp_drop = 1.0
     assert guards.check(ev) is None
+
+
+def test_verifier_fires_past_its_threshold_and_abstains_without_scores():
+    ev = evidence(after="the cap sat on the map", ta=[0, 9, 2, 3, 4, 8], verifier_logp_before=-0.50,
+                  verifier_logp_after=-0.75)
+    name, reason = guards.check(ev, ("verifier",))
+    assert name == "verifier" and "drop 0.25 > 0.1" in reason
+    ev.max_verifier_drop = 0.3
+    assert guards.verifier(ev) is None
+    assert guards.verifier(evidence(after="the cap", ta=[0, 9])) is None  # no verifier (or it abstained)
+    assert guards.verifier(evidence(verifier_logp_before=-0.1, verifier_logp_after=-5.0)) is None  # nothing changed
+    assert "verifier" not in guards.DEFAULT_GUARDS  # it needs a second checkpoint: opt in with AdaptConfig.verifier
+    assert fastem.AdaptConfig(verifier="base").guard_names[-1] == "verifier"
 
 
 def test_confidence_at_zero_accepts_only_what_the_source_model_also_prefers():
@@ -106,7 +119,7 @@ def test_confidence_scores_are_the_source_models_log_probs(processor):
                           max_new_tokens=6)
     feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
     for key, toks in (("source_before", result.tokens_before), ("source_after", result.tokens_adapted)):
-        assert result.scores[key] == pytest.approx(_teacher_forced_mean_logp(model, feats, toks), abs=1e-4)
+        assert result.scores[key] == pytest.approx(teacher_forced_mean_logp(model, feats, toks), abs=1e-4)
 
 
 def test_consensus_fires_when_both_models_together_prefer_the_unadapted_transcript():
@@ -126,17 +139,6 @@ def test_consensus_fires_when_both_models_together_prefer_the_unadapted_transcri
     assert guards.consensus(same) is None
 
 
-def _teacher_forced_mean_logp(model, feats, toks):
-    prompt, eos = [50258, 50259, 50359, 50363], 50257
-    ids = torch.tensor([prompt + toks + [eos]])
-    with torch.no_grad():
-        logits = model(input_features=feats, decoder_input_ids=ids[:, :-1]).logits[0, len(prompt) - 1:].double()
-    gc = model.generation_config
-    logits[:, gc.suppress_tokens] = float("-inf")
-    logits[0, gc.begin_suppress_tokens] = float("-inf")
-    return float(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):].unsqueeze(1)).mean())
-
-
 @pytest.mark.parametrize("params", ["layernorm", "layernorm:decoder"])
 def test_adapted_scores_are_the_adapted_models_log_probs(processor, params):
     """scores['adapted_before' / 'adapted_after'] are the mean log-probs of the unadapted / adapted transcripts
@@ -147,5 +149,5 @@ def test_adapted_scores_are_the_adapted_models_log_probs(processor, params):
                           max_new_tokens=6, episodic=False, params=params, guards=("consensus",))
     feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
     for key, toks in (("adapted_before", result.tokens_before), ("adapted_after", result.tokens_adapted)):
-        assert result.scores[key] == pytest.approx(_teacher_forced_mean_logp(model, feats, toks), abs=1e-4)
+        assert result.scores[key] == pytest.approx(teacher_forced_mean_logp(model, feats, toks), abs=1e-4)
     assert result.scores["source_before"] != pytest.approx(result.scores["adapted_before"], abs=1e-6)  # it moved

@@ -43,3 +43,16 @@ def tiny_whisper(seed: int = 0, d_model: int = 32, eos_strength: float = 5.0,
 def random_features(seed: int = 0, frames: int = 3000) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, 80, frames, generator=g) * 0.5
+
+
+def teacher_forced_mean_logp(model, feats, toks, prompt=(SOT, LANGS["<|en|>"], TRANSCRIBE, NO_TS)) -> float:
+    """By hand, from the plain HF model's logits: the mean log-prob per token of ``toks`` + EOS after
+    ``prompt``, with the generation config's suppressions (float64)."""
+    prompt = list(prompt)
+    ids = torch.tensor([prompt + list(toks) + [EOS]])
+    with torch.no_grad():
+        logits = model(input_features=feats, decoder_input_ids=ids[:, :-1]).logits[0, len(prompt) - 1:].double()
+    gc = model.generation_config
+    logits[:, gc.suppress_tokens] = float("-inf")
+    logits[0, gc.begin_suppress_tokens] = float("-inf")
+    return float(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):].unsqueeze(1)).mean())

@@ -301,6 +301,9 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
     for key, neutral in _NEUTRAL_SETTINGS.items():  # settings added later, at their no-op value: old rows stay valid
         if key in d and d[key] == neutral:
             del d[key]
+    if d.get("verifier", "") is None:  # no verifier: its threshold changes nothing either
+        d.pop("verifier")
+        d.pop("max_verifier_drop", None)
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in d.items()}
 
 

@@ -1,0 +1,96 @@
+"""fastem.verifier: a second checkpoint's teacher-forced scores, recomputed by hand; its guard in the loop."""
+import copy
+import importlib
+
+import pytest
+import torch
+
+import fastem
+from fastem import verifier as verifier_module
+from tiny_whisper import NO_TS, SOT, teacher_forced_mean_logp, tiny_whisper
+
+adapt_module = importlib.import_module("fastem.adapt")
+
+
+def _feats(processor, audio):
+    return processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+
+
+def _english_only(model):
+    """The same network as an English-only checkpoint: no language or task tokens in its prompt."""
+    model = copy.deepcopy(model)
+    gc = model.generation_config
+    gc.lang_to_id, gc.task_to_id, gc.is_multilingual = None, None, False
+    return model
+
+
+def test_scores_are_the_verifiers_teacher_forced_log_probs(processor):
+    model = tiny_whisper(seed=3)
+    g = torch.Generator().manual_seed(2)
+    waves = [torch.randn(24000, generator=g) * 0.1, torch.randn(40000, generator=g) * 0.1]
+    texts = [["the cat sat", "the cap sat on it"], ["hello", ""]]
+    out = verifier_module.verifier_scores(model, processor, waves, texts, ["en", "cs"])
+    tok = processor.tokenizer
+    for b, lang_prompt in ((0, (SOT, 50259, 50359, NO_TS)), (1, (SOT, 50283, 50359, NO_TS))):
+        feats = _feats(processor, waves[b])
+        for got, text in zip(out[b], texts[b]):
+            ids = tok.encode(" " + text, add_special_tokens=False) if text else []
+            assert got == pytest.approx(teacher_forced_mean_logp(model, feats, ids, prompt=lang_prompt), abs=1e-4)
+    # An English-only verifier scores English after its short prompt, and abstains on Czech.
+    en_only = _english_only(model)
+    out = verifier_module.verifier_scores(en_only, processor, waves, texts, ["en", "cs"])
+    assert out[1] is None
+    ids = tok.encode(" the cat sat", add_special_tokens=False)
+    assert out[0][0] == pytest.approx(teacher_forced_mean_logp(en_only, _feats(processor, waves[0]), ids,
+                                                               prompt=(SOT, NO_TS)), abs=1e-4)
+    assert verifier_module.verifier_scores(model, processor, waves, texts, [None, None]) == [None, None]
+
+
+def test_the_verifier_votes_in_the_loop(processor, monkeypatch):
+    """A changed transcript is scored by the verifier (scores recomputed by hand) and rejected exactly when the
+    verifier finds it more than max_verifier_drop nats per token less likely; the verifier is loaded by name."""
+    model, judge = tiny_whisper(), tiny_whisper(seed=5)
+    loaded = []
+    monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: loaded.append(name) or (judge, processor))
+    audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
+    real, calls = adapt_module._texts, {"n": 0}
+
+    def changed(processor_, prompts, hyps):  # make sure the adapted transcript differs from the unadapted one
+        calls["n"] += 1
+        out = real(processor_, prompts, hyps)
+        return [("hello world", [23748, 1002])] * len(out) if calls["n"] % 2 == 0 else out
+
+    monkeypatch.setattr(adapt_module, "_texts", changed)
+    kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
+              guards=(), verifier="judge-checkpoint")
+    loose = fastem.adapt(model, audio, max_verifier_drop=100.0, **kw)
+    assert loaded == ["judge-checkpoint"] and loose.guard is None and loose.text == "hello world"
+    feats = _feats(processor, audio)
+    tok = processor.tokenizer
+    for key, text in (("verifier_before", loose.text_before), ("verifier_after", loose.text_adapted)):
+        ids = tok.encode(" " + text, add_special_tokens=False) if text else []
+        assert loose.scores[key] == pytest.approx(teacher_forced_mean_logp(judge, feats, ids), abs=1e-4)
+    drop = loose.scores["verifier_before"] - loose.scores["verifier_after"]
+    strict = fastem.adapt(model, audio, max_verifier_drop=0.0, **kw)
+    assert (strict.guard == "verifier") == (drop > 0)
+    assert strict.text == (loose.text_before if drop > 0 else "hello world")
+    plain = fastem.adapt(model, audio, **{**kw, "verifier": None})
+    assert "verifier_before" not in plain.scores and plain.guard is None
+
+
+def test_a_bad_verifier_fails_before_the_model_is_touched(processor, tmp_path):
+    model = tiny_whisper()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    audio = torch.randn(16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    with pytest.raises(Exception):
+        fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=4,
+                     min_entropy=0.0, episodic=False, verifier=str(tmp_path / "no-such-checkpoint"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("bad", [dict(max_verifier_drop=-0.1), dict(max_verifier_drop=float("nan")),
+                                 dict(verifier=""), dict(verifier=3)])
+def test_bad_verifier_settings_are_named(bad):
+    with pytest.raises(ValueError, match="verifier"):
+        fastem.AdaptConfig(**bad)
+
