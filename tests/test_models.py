@@ -345,6 +345,35 @@ def test_base_transcribes_jfk_exactly(loaded, shared_data_dir):
     assert normalize(hyp) == normalize(reference), hyp
 
 
+@needs_base
+def test_base_tokenizer_encodes_what_the_model_emits(loaded, shared_data_dir):
+    """The base package's tokenizer.json lacks the merge "Ġ t": without the repair " the" encodes as "Ġ" + "the"."""
+    model, processor = loaded("base")
+    tok = processor.tokenizer
+    assert tok.convert_ids_to_tokens(tok.encode(" the cat sat to think", add_special_tokens=False)) == [
+        "Ġthe", "Ġcat", "Ġsat", "Ġto", "Ġthink"]
+    path, _ = _jfk(shared_data_dir)
+    from fastem.audio import load_audio
+
+    features = processor(load_audio(path).numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        ids = model.generate(features, language="en", task="transcribe")[0].tolist()
+    text_ids = [i for i in ids if i < tok.eos_token_id]
+    assert tok.encode(tok.decode(text_ids), add_special_tokens=False) == text_ids
+
+
+def test_repair_merges_puts_a_lost_merge_back_at_its_rank():
+    from fastem.models.processor import repair_merges
+
+    vocab = {f"<byte{i}>": i for i in range(252)} | {"Ġ": 252, "t": 253, "h": 254, "e": 255, "Ġt": 256, "he": 257,
+                                                     "Ġthe": 258}
+    model = {"vocab": vocab, "merges": ["h e", "Ġt he"]}  # "Ġ t" (rank 0, making id 256) is lost
+    assert repair_merges(model) == ["Ġ t"] and model["merges"] == ["Ġ t", "h e", "Ġt he"]
+    assert repair_merges(model) == []  # complete: nothing to add
+    as_lists = {"vocab": vocab, "merges": [["Ġ", "t"], ["Ġt", "he"]]}  # the newer format; "h e" lost
+    assert repair_merges(as_lists) == ["h e"] and as_lists["merges"] == [["Ġ", "t"], ["h", "e"], ["Ġt", "he"]]
+
+
 @needs_tiny
 def test_tiny_en_transcribes_jfk(loaded, shared_data_dir):
     from fastem.text import wer
