@@ -30,7 +30,7 @@ from .objective import BASELINES, OBJECTIVES, em_loss, entropy_rows, suta_loss
 from .params import (Binding, ModelSnapshot, check_param_spec, cross_kv_fixed, first_adapted_encoder_layer,
                      select_parameters)
 from .sampling import Head, Hypotheses, Prompt, build_prompts, decode, mean_logp, score, teacher_forced_hidden
-from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers
+from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers, features
 
 __all__ = ["AdaptConfig", "AdaptResult", "adapt", "adapt_batch", "transcribe", "transcribe_batch"]
 
@@ -249,15 +249,6 @@ def _wave(audio, sampling_rate) -> torch.Tensor:
     return load_audio(audio, sampling_rate=sampling_rate, allow_silence=True, max_seconds=MAX_LONG_SECONDS)
 
 
-def _features(model, processor, waves: list[torch.Tensor]) -> torch.Tensor:
-    from .audio import SAMPLE_RATE
-
-    feats = processor.feature_extractor([w.numpy() for w in waves], sampling_rate=SAMPLE_RATE,
-                                        return_tensors="pt").input_features
-    param = next(model.parameters())
-    return feats.to(device=param.device, dtype=param.dtype)
-
-
 def _token_budget(cfg_max: int | None, seconds: float) -> int:
     return cfg_max if cfg_max is not None else int(10 * seconds) + 20
 
@@ -419,7 +410,7 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
     n = len(waves)
     seconds = [w.numel() / SAMPLE_RATE for w in waves]
     budgets = [_token_budget(cfg.max_new_tokens, s) for s in seconds]
-    feats = _features(model, processor, waves)
+    feats = features(model, processor, waves)
     verifier = None
     if cfg.verifier and cfg.steps:  # loaded before adapting: a bad name fails before the model is touched
         from .verifier import load_verifier
@@ -487,8 +478,8 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
                         src = mean_logp(model, cross_source, a_prompts, pairs, head)
                     for b, (a, z), (a2, z2) in zip(active, src, adapted):
                         scores[b].update(source_before=a, source_after=z, adapted_before=a2, adapted_after=z2)
-            changed = [b for b in active if texts_after[b][1] != texts_before[b][1]]
-            if verifier is not None and changed:
+            changed = [b for b in active if texts_after[b][1] != texts_before[b][1]] if verifier is not None else []
+            if changed:
                 from .verifier import verifier_scores
 
                 votes = verifier_scores(*verifier, [waves[b] for b in changed],

@@ -138,6 +138,12 @@ def _start_and_eos(model) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def is_multilingual(model) -> bool:
+    """Whether the checkpoint's prompt carries language and task tokens (not an English-only ``.en`` model)."""
+    gc = model.generation_config
+    return bool(getattr(gc, "lang_to_id", None)) and getattr(gc, "is_multilingual", True) is not False
+
+
 def build_prompts(model, cross: CrossKV, languages: list[str | None], task: str = "transcribe",
                   head: Head | None = None) -> list[Prompt]:
     """Whisper's prompt per utterance: start, language (given or detected), task, no-timestamps.
@@ -149,7 +155,7 @@ def build_prompts(model, cross: CrossKV, languages: list[str | None], task: str 
     gc = model.generation_config
     start, eos = _start_and_eos(model)
     lang_to_id = getattr(gc, "lang_to_id", None) or {}
-    multilingual = bool(lang_to_id) and getattr(gc, "is_multilingual", True) is not False
+    multilingual = is_multilingual(model)
     task_to_id = getattr(gc, "task_to_id", None) or {}
     if multilingual and task_to_id and task not in task_to_id:
         raise ValueError(f"task must be one of {sorted(task_to_id)}, got {task!r}")

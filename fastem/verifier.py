@@ -17,8 +17,8 @@ import threading
 
 import torch
 
-from .sampling import Head, build_prompts, language_code, mean_logp
-from .whisper import cross_kv, encode
+from .sampling import Head, build_prompts, is_multilingual, language_code, mean_logp
+from .whisper import cross_kv, encode, features
 
 __all__ = ["load_verifier", "verifier_scores"]
 
@@ -42,29 +42,19 @@ def load_verifier(name: str, device) -> tuple:
         return _LOADED[key]
 
 
-def _multilingual(model) -> bool:
-    gc = model.generation_config
-    return bool(getattr(gc, "lang_to_id", None)) and getattr(gc, "is_multilingual", True) is not False
-
-
 @torch.no_grad()
 def verifier_scores(model, processor, waves: list[torch.Tensor], texts: list[list[str]],
                     languages: list[str | None]) -> list[list[float] | None]:
     """Per utterance, the verifier's mean log-prob per token (end of text included) of each of its texts,
     teacher forced on its audio (16 kHz mono ``waves``); ``None`` for an utterance the verifier cannot
     judge (an English-only verifier and a language other than English, or no language known)."""
-    from .audio import SAMPLE_RATE
-
-    multilingual = _multilingual(model)
+    multilingual = is_multilingual(model)
     usable = [b for b, lang in enumerate(languages)
               if lang is not None and (multilingual or language_code(lang) == "en")]
     out: list[list[float] | None] = [None] * len(waves)
     if not usable:
         return out
-    param = next(model.parameters())
-    feats = processor.feature_extractor([waves[b].numpy() for b in usable], sampling_rate=SAMPLE_RATE,
-                                        return_tensors="pt").input_features.to(device=param.device, dtype=param.dtype)
-    cross = cross_kv(model, encode(model, feats))
+    cross = cross_kv(model, encode(model, features(model, processor, [waves[b] for b in usable])))
     prompts = build_prompts(model, cross, [languages[b] for b in usable])
     tok = processor.tokenizer
     ids = [[tok.encode(" " + t.strip(), add_special_tokens=False) if t.strip() else [] for t in texts[b]]

@@ -55,6 +55,16 @@ def _ln(module: nn.LayerNorm, x: torch.Tensor, over: LayerNormOverrides | None, 
     return module(x) if over is None else over.apply(module, x, rows)
 
 
+def features(model, processor, waves: list[torch.Tensor]) -> torch.Tensor:
+    """Log-mel features of 16 kHz mono ``waves`` by ``processor``'s extractor, on the model's device and dtype."""
+    from .audio import SAMPLE_RATE
+
+    feats = processor.feature_extractor([w.numpy() for w in waves], sampling_rate=SAMPLE_RATE,
+                                        return_tensors="pt").input_features
+    param = next(model.parameters())
+    return feats.to(device=param.device, dtype=param.dtype)
+
+
 def encoder_embed(model, features: torch.Tensor) -> torch.Tensor:
     """Convolutions + positions: ``[B, n_mels, 3000]`` log-mel features -> ``[B, 1500, D]``."""
     enc = model.get_encoder()
