@@ -6,6 +6,7 @@
         --gates 0,0.3,0.5,0.8
     python benchmarks/guard_sweep.py out/dev_tinyen_scores/rows.jsonl --method fastem --consensus -0.1,0,0.1,0.2
     python benchmarks/guard_sweep.py benchmarks/results/dev_base_rows.jsonl --method fastem --tradeoff 1.5,0.5,0.2,0
+    python benchmarks/guard_sweep.py benchmarks/results/dev_base_rows.jsonl --method fastem --seq-drops 2,1,0.5,0
     python benchmarks/guard_sweep.py benchmarks/results/dev_tinyen_rows.jsonl --method fastem --backfill ../shared/data \
         --verifier base --save out/tinyen_verified.jsonl --verifier-drops 0,0.1,0.2
 
@@ -48,11 +49,14 @@ def normalized(row: dict) -> dict:
 
 
 def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entropy: float = 0.0,
-           consensus: float | None = None, verifier_drop: float | None = None) -> str:
+           consensus: float | None = None, verifier_drop: float | None = None,
+           seq_drop: float | None = None) -> str:
     """The transcript the guards would return.  ``consensus``: also require the adapted model's preference for
     its transcript to exceed the source model's for its own by this margin (0: the library's ``consensus``
     guard); rows without the adapted model's scores keep the adapted transcript.  ``verifier_drop``: the
-    ``verifier`` guard at this threshold, on the rows' ``scores.verifier_before/after`` (``--verifier``)."""
+    ``verifier`` guard at this threshold, on the rows' ``scores.verifier_before/after`` (``--verifier``).
+    ``seq_drop``: the ``likelihood`` guard (``max_seq_logp_drop``); it needs the rows' token ids (the total
+    log-prob is the mean times the token count), rows without them keep their decision."""
     before, after, s = row["before"], row["adapted"], row["scores"]
     if min_entropy > 0 and s["entropy_before"] < min_entropy:
         return before
@@ -66,10 +70,11 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
                          max_length_ratio=max_ratio if max_ratio is not None else float("inf"),
                          consensus_margin=consensus or 0.0, verifier_logp_before=s.get("verifier_before"),
                          verifier_logp_after=s.get("verifier_after"),
-                         max_verifier_drop=verifier_drop if verifier_drop is not None else float("inf"))
+                         max_verifier_drop=verifier_drop if verifier_drop is not None else float("inf"),
+                         max_seq_logp_drop=seq_drop if exact else None)
     names = ("empty", "non_speech", "repetition") + (("length",) if max_ratio else ()) + (
         ("confidence",) if max_drop is not None else ()) + (("consensus",) if consensus is not None else ()) + (
-        ("verifier",) if verifier_drop is not None else ())
+        ("verifier",) if verifier_drop is not None else ()) + (("likelihood",) if seq_drop is not None else ())
     return before if guards.check(ev, names) else after
 
 
@@ -164,6 +169,9 @@ def main(argv=None) -> int:
                     help="margins of the consensus rule to sweep (with the default guards and gate), e.g. -0.1,0,0.1")
     ap.add_argument("--tradeoff", default="", metavar="DROPS",
                     help="max_logp_drop values to sweep with every other default (gate, length, consensus)")
+    ap.add_argument("--seq-drops", default="", metavar="DROPS",
+                    help="max_seq_logp_drop values (the likelihood guard, nats per transcript) to sweep with every "
+                         "other default (rows need token ids)")
     ap.add_argument("--verifier", metavar="NAME", default=None,
                     help="with --backfill: score the changed rows under this second checkpoint (AdaptConfig.verifier)")
     ap.add_argument("--verifier-drops", default="", metavar="DROPS",
@@ -243,6 +251,14 @@ def main(argv=None) -> int:
             drop = None if d == "off" else float(d)
             print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
                                                                 lib.min_entropy, consensus=0.0, verifier_drop=drop))))
+    if args.seq_drops:
+        exact = sum(r.get("tokens_before") is not None and r.get("tokens_adapted") is not None for r in rows)
+        print(f"\n{exact} of {len(rows)} rows have token ids (the others keep their decision)")
+        print("| max_seq_logp_drop (with every default) | " + full)
+        for d in ["off"] + args.seq_drops.split(","):
+            drop = None if d == "off" else float(d)
+            print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
+                                                                lib.min_entropy, consensus=0.0, seq_drop=drop))))
     if args.tradeoff:
         print("\n| max_logp_drop (with gate, consensus) | " + full)
         for ev in tradeoff(rows, base, [float(d) for d in args.tradeoff.split(",")]):

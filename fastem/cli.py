@@ -33,6 +33,10 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                    help="the confidence guard: keep the unadapted transcript when the unadapted model finds the "
                         f"adapted one more than NATS per token less likely than its own (default {d.max_logp_drop:g}; "
                         "0: accept only transcripts the unadapted model also prefers, the safe setting)")
+    p.add_argument("--max-seq-logp-drop", type=float, default=d.max_seq_logp_drop, metavar="NATS",
+                   help="the likelihood guard: keep the unadapted transcript when the unadapted model finds the "
+                        "adapted one, as a whole, more than NATS less likely than its own (default: off; 0 is "
+                        "the safe setting: fewest transcripts made worse)")
     p.add_argument("--verifier", default=None, metavar="MODEL",
                    help="a second checkpoint (tiny.en, base, a hub id or a directory) that votes on each changed "
                         "transcript: the unadapted one is kept when it finds the adapted one less likely")
@@ -93,7 +97,8 @@ def _references(args) -> dict[str, str]:
 def _config(args) -> AdaptConfig:
     return AdaptConfig(steps=args.steps, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
                        params=args.params, seed=args.seed, min_entropy=args.min_entropy, guards=args.guards,
-                       max_logp_drop=args.max_logp_drop, verifier=args.verifier,
+                       max_logp_drop=args.max_logp_drop, max_seq_logp_drop=args.max_seq_logp_drop,
+                       verifier=args.verifier,
                        max_verifier_drop=args.max_verifier_drop)
 
 

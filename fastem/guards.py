@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "check", "compression_ratio", "longest_repeat"]
+__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "check", "compression_ratio", "longest_repeat", "sequence_logp", "SCORED"]
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Evidence:
     verifier_logp_before: float | None = None
     verifier_logp_after: float | None = None
     max_verifier_drop: float = 0.1  # nats per token (the ``verifier`` guard)
+    max_seq_logp_drop: float | None = None  # nats per transcript (the ``likelihood`` guard); None: off
 
 
 def compression_ratio(text: str) -> float:
@@ -123,6 +124,29 @@ def confidence(ev: Evidence) -> str | None:
     return _drop("source model", ev.source_logp_before, ev.source_logp_after, ev.max_logp_drop, ev)
 
 
+def sequence_logp(mean: float, tokens: list[int]) -> float:
+    """A transcript's total log-prob from its mean per-token log-prob (the mean counts end of text too)."""
+    return mean * (len(tokens) + 1)
+
+
+def likelihood(ev: Evidence) -> str | None:
+    """The source model finds the adapted transcript, as a whole, more than ``max_seq_logp_drop`` nats less
+    likely than its own: the total log-prob of the transcript, not the mean per token.  Both transcripts
+    answer the same audio, so the sequence probability is the quantity to compare; a per-token mean lets
+    an edit that adds or drops tokens through at a threshold the whole transcript fails.  At 0 an adapted
+    transcript is accepted only where the source model agrees it is at least as likely (adaptation as a
+    search the source endorses)."""
+    values = (ev.source_logp_before, ev.source_logp_after)
+    if ev.max_seq_logp_drop is None or any(v is None for v in values) or ev.tokens_after == ev.tokens_before:
+        return None
+    before = sequence_logp(ev.source_logp_before, ev.tokens_before)
+    after = sequence_logp(ev.source_logp_after, ev.tokens_after)
+    if before - after > ev.max_seq_logp_drop:
+        return (f"source model log-prob of the transcript {after:.2f} vs {before:.2f} unadapted "
+                f"(drop {before - after:.2f} > {ev.max_seq_logp_drop:g})")
+    return None
+
+
 def consensus(ev: Evidence) -> str | None:
     """The source and the adapted model together prefer the unadapted transcript: the sum of their mean
     per-token log-probs is higher for it (a product of the two models choosing between the two
@@ -151,9 +175,13 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "length": length,
     "confidence": confidence,
     "consensus": consensus,
+    "likelihood": likelihood,
     "verifier": verifier,
 }
 DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus")
+#: the guards that judge by the source and the adapted model's scores of both transcripts (the loop computes
+#: them only when one of these is checked)
+SCORED = frozenset({"confidence", "consensus", "likelihood"})
 
 
 def check(ev: Evidence, names=DEFAULT_GUARDS) -> tuple[str, str] | None:

@@ -239,6 +239,7 @@ def test_transcribe_equals_generate_and_the_unadapted_transcript(model, processo
     (dict(optimizer="lbfgs"), "optimizer"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(min_entropy=-0.1), "min_entropy"), (dict(min_entropy=float("nan")), "min_entropy"),
     (dict(max_logp_drop=-0.1), "max_logp_drop"), (dict(max_logp_drop=float("nan")), "max_logp_drop"),
+    (dict(max_seq_logp_drop=-1.0), "max_seq_logp_drop"),
 ])
 def test_bad_config_is_named(bad, match):
     with pytest.raises(ValueError, match=match):

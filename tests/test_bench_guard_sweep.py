@@ -72,3 +72,20 @@ def test_verifier_drop_re_decides_through_the_library_guard():
     assert sweep.decide(row, max_drop=None, max_ratio=None, verifier_drop=0.3) == "a b d"
     unscored = _row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4])
     assert sweep.decide(unscored, max_drop=None, max_ratio=None, verifier_drop=0.0) == "a b d"  # no vote: kept
+
+
+def test_seq_drop_re_decides_on_whole_transcript_log_probs():
+    from fastem import guards
+
+    # mean -0.5 over 3 tokens + end of text = -2.0 in total; the adapted one: -0.45 over 5 + 1 = -2.7
+    row = _row("a b c", "a b d e f", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4, 5, 6], source_before=-0.5,
+               source_after=-0.45)
+    ev = guards.Evidence(text_before="a b c", text_after="a b d e f", tokens_before=[1, 2, 3],
+                         tokens_after=[1, 2, 4, 5, 6], seconds=3.0, source_logp_before=-0.5, source_logp_after=-0.45,
+                         max_seq_logp_drop=0.5)
+    assert guards.likelihood(ev) is not None
+    assert sweep.decide(row, max_drop=None, max_ratio=None, seq_drop=0.5) == "a b c"
+    assert sweep.decide(row, max_drop=None, max_ratio=None, seq_drop=0.8) == "a b d e f"
+    assert sweep.decide(row, max_drop=0.0, max_ratio=None) == "a b d e f"  # per token it is more likely
+    words_only = _row("a b c", "a b d e f", source_before=-0.5, source_after=-0.45)
+    assert sweep.decide(words_only, max_drop=None, max_ratio=None, seq_drop=0.0) == "a b d e f"  # no token ids

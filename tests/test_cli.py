@@ -183,13 +183,14 @@ def test_batch_size_groups_the_files(files, fake_model, capsys):
 
 
 def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch):
-    seen, drops, verifiers = [], [], []
+    seen, drops, verifiers, seq_drops = [], [], [], []
     real = ADAPT_MODULE.adapt_batch
 
     def spy(model, audios, **kw):
         seen.append(kw["config"].guards)
         drops.append(kw["config"].max_logp_drop)
         verifiers.append((kw["config"].verifier, kw["config"].max_verifier_drop))
+        seq_drops.append(kw["config"].max_seq_logp_drop)
         return real(model, audios, **kw)
 
     monkeypatch.setattr(ADAPT_MODULE, "adapt_batch", spy)
@@ -201,6 +202,8 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert drops == [fastem.AdaptConfig().max_logp_drop] * 3 + [0.0]
     assert main(["transcribe", files["good"], "--adapt", "--verifier", "tiny.en", "--max-verifier-drop", "0.2"]) == 0
     assert verifiers[-1] == ("tiny.en", 0.2) and verifiers[0] == (None, fastem.AdaptConfig().max_verifier_drop)
+    assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "0"]) == 0
+    assert seq_drops[-1] == 0.0 and seq_drops[0] is None
     with pytest.raises(SystemExit):
         main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
     assert "unknown guard(s) nonsense" in capsys.readouterr().err

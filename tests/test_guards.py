@@ -79,6 +79,58 @@ def test_confidence_at_zero_accepts_only_what_the_source_model_also_prefers():
     fastem.AdaptConfig(max_logp_drop=0.0)  # a valid setting
 
 
+def test_likelihood_compares_whole_transcripts_not_per_token_means():
+    """Dropping two low-probability tokens raises the mean per token and lowers the total: the per-token
+    confidence guard passes it, the likelihood guard (sequence log-prob, end of text counted) does not."""
+    ev = evidence(before="a b c d e", after="a b c", tb=[1, 2, 3, 4, 5], ta=[1, 2, 3], source_logp_before=-0.5,
+                  source_logp_after=-0.6, max_logp_drop=0.0, max_seq_logp_drop=0.0)
+    assert guards.sequence_logp(-0.5, [1, 2, 3, 4, 5]) == pytest.approx(-3.0)   # 6 terms: 5 tokens + end of text
+    ev.source_logp_after = -0.45  # mean up: -1.8 in total against -3.0
+    assert guards.confidence(ev) is None and guards.likelihood(ev) is None
+    ev.source_logp_after = -0.80  # total -3.2 < -3.0, while the mean drop (0.3) would pass max_logp_drop=0.5
+    name, reason = guards.check(ev, ("confidence", "likelihood")) or (None, None)
+    assert name == "confidence"  # the per-token guard at 0 sees it too
+    ev.max_logp_drop = 0.5
+    name, reason = guards.check(ev, ("confidence", "likelihood"))
+    assert name == "likelihood" and "drop 0.20 > 0" in reason
+    ev.max_seq_logp_drop = 0.25
+    assert guards.likelihood(ev) is None
+    ev.max_seq_logp_drop = None  # off
+    assert guards.likelihood(ev) is None
+    same = evidence(source_logp_before=-0.1, source_logp_after=-5.0, max_seq_logp_drop=0.0)  # nothing changed
+    assert guards.likelihood(same) is None
+
+
+def test_likelihood_is_opt_in_through_its_threshold():
+    assert "likelihood" not in guards.DEFAULT_GUARDS and "likelihood" not in fastem.AdaptConfig().guard_names
+    names = fastem.AdaptConfig(max_seq_logp_drop=0.0, verifier="base").guard_names
+    assert names[-2:] == ("likelihood", "verifier")
+    assert fastem.AdaptConfig(max_seq_logp_drop=1.0, guards=("likelihood",)).guard_names == ("likelihood",)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="max_seq_logp_drop"):
+            fastem.AdaptConfig(max_seq_logp_drop=bad)
+
+
+def test_likelihood_decides_on_the_loops_own_scores(processor):
+    """In the loop the guard sees the source model's scores of both transcripts: its verdict is what the
+    totals computed from ``result.scores`` say, and a rejection returns the unadapted transcript."""
+    model = tiny_whisper(seed=1)  # here the source model finds the adapted transcript ~0.015 nats less likely
+    audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
+    kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=5e-2, max_new_tokens=6, min_entropy=0.0)
+    free = fastem.adapt(model, audio, guards=(), max_seq_logp_drop=1e9, **kw)  # scored, never fires
+    assert free.tokens_adapted != free.tokens_before  # the setting changes the transcript: the test can fail
+    before = guards.sequence_logp(free.scores["source_before"], free.tokens_before)
+    after = guards.sequence_logp(free.scores["source_after"], free.tokens_adapted)
+    verdicts = []
+    for limit in (0.0, max(before - after, 0.0) + 0.01, abs(before - after) + 1.0):
+        res = fastem.adapt(model, audio, guards=(), max_seq_logp_drop=limit, **kw)
+        fires = before - after > limit
+        assert (res.guard == "likelihood") == fires
+        assert res.tokens == (res.tokens_before if fires else free.tokens_adapted)
+        verdicts.append(fires)
+    assert verdicts == [True, False, False]  # both outcomes seen
+
+
 def test_unknown_guard_is_named():
     with pytest.raises(ValueError, match="unknown guard"):
         guards.check(evidence(), names=("nonsense",))

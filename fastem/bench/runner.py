@@ -284,7 +284,9 @@ def _hash(obj: Any) -> str:
 
 
 #: AdaptConfig fields added after rows were first written, with the value that changes nothing.
-_NEUTRAL_SETTINGS = {"min_entropy": 0.0}
+_NEUTRAL_SETTINGS = {"min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None}
+#: thresholds that change nothing while the setting they belong to is off (a verifier's drop without a verifier).
+_NEUTRAL_WITHOUT = {"max_verifier_drop": "verifier"}
 
 
 def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -301,9 +303,9 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
     for key, neutral in _NEUTRAL_SETTINGS.items():  # settings added later, at their no-op value: old rows stay valid
         if key in d and d[key] == neutral:
             del d[key]
-    if d.get("verifier", "") is None:  # no verifier: its threshold changes nothing either
-        d.pop("verifier")
-        d.pop("max_verifier_drop", None)
+    for key, switch in _NEUTRAL_WITHOUT.items():
+        if switch not in d:
+            d.pop(key, None)
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in d.items()}
 
 
