@@ -243,22 +243,22 @@ def main(argv=None) -> int:
                 f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | "
                 f"{ev['worse'] / len(rows):.1%} | {ev['kept']} |")
 
+    def sweep(option: str, values: str, key: str, have: int, what: str) -> None:
+        """One threshold swept on top of every default (gate, length, confidence, consensus)."""
+        print(f"\n{have} of {len(rows)} rows have {what} (the others keep their decision)")
+        print(f"| {option} (with every default) | " + full)
+        for d in ["off"] + values.split(","):
+            value = None if d == "off" else float(d)
+            print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
+                                                                lib.min_entropy, consensus=0.0, **{key: value}))))
+
     if args.verifier_drops:
-        voted = sum("verifier_before" in r["scores"] for r in rows)
-        print(f"\n{voted} of {len(rows)} rows have the verifier's scores (the others keep their decision)")
-        print("| max_verifier_drop (with every default) | " + full)
-        for d in ["off"] + args.verifier_drops.split(","):
-            drop = None if d == "off" else float(d)
-            print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
-                                                                lib.min_entropy, consensus=0.0, verifier_drop=drop))))
+        sweep("max_verifier_drop", args.verifier_drops, "verifier_drop",
+              sum("verifier_before" in r["scores"] for r in rows), "the verifier's scores")
     if args.seq_drops:
-        exact = sum(r.get("tokens_before") is not None and r.get("tokens_adapted") is not None for r in rows)
-        print(f"\n{exact} of {len(rows)} rows have token ids (the others keep their decision)")
-        print("| max_seq_logp_drop (with every default) | " + full)
-        for d in ["off"] + args.seq_drops.split(","):
-            drop = None if d == "off" else float(d)
-            print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
-                                                                lib.min_entropy, consensus=0.0, seq_drop=drop))))
+        sweep("max_seq_logp_drop", args.seq_drops, "seq_drop",
+              sum(r.get("tokens_before") is not None and r.get("tokens_adapted") is not None for r in rows),
+              "token ids")
     if args.tradeoff:
         print("\n| max_logp_drop (with gate, consensus) | " + full)
         for ev in tradeoff(rows, base, [float(d) for d in args.tradeoff.split(",")]):
