@@ -193,13 +193,17 @@ class AdaptResult:
     text / tokens:               the transcript returned: the adapted one, or the unadapted one when a
                                  guard fired.
     text_before / tokens_before: greedy transcript of the source model (before any adaptation, also in
-                                 a continual :class:`fastem.Adapter`).
-    text_adapted / tokens_adapted: greedy transcript after adaptation, whether or not a guard fired.
+                                 a continual :class:`fastem.Adapter`; where it looped, the fallback sample).
+    text_adapted / tokens_adapted: greedy transcript after adaptation (or its fallback sample), whether or
+                                 not a guard fired.
     guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted).
     scores:                      the evidence behind the gate and the guards: ``entropy_before`` (mean
                                  next-token entropy along the unadapted greedy transcript), ``source_before``,
                                  ``source_after`` (the source model's mean log-prob of each transcript),
-                                 ``adapted_before``, ``adapted_after`` (the adapted model's).
+                                 ``adapted_before``, ``adapted_after`` (the adapted model's);
+                                 ``fallback_before`` / ``fallback_after``: the temperature whose sample
+                                 replaced a greedy transcript caught in a repetition loop (Whisper's
+                                 temperature fallback; absent when the greedy one did not loop).
     language:                    the language code used (given or detected), None if unknown.
     history:                     one dict per step: loss, entropy (mean token entropy of the step's
                                  hypotheses, before the update), length (mean tokens per hypothesis),
@@ -321,6 +325,35 @@ def _texts(processor, prompts: list[Prompt], hyps: Hypotheses) -> list[tuple[str
         ids = hyps.row(hyps.rows_of(b).start, eos_id=p.eos_id)
         out.append((processor.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
     return out
+
+
+#: Whisper's temperature fallback: a greedy transcript caught in a repetition loop is decoded again by
+#: sampling at each of these temperatures in turn, and the first that does not loop replaces it.
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _unloop(model, processor, cross: CrossKV, prompts: list[Prompt], budgets: list[int],
+            texts: list[tuple[str, list[int]]], seed: int, head: Head, over=None) -> dict[int, float]:
+    """Replace each looping greedy transcript in ``texts`` (in place) by the first non-looping sample at
+    :data:`FALLBACK_TEMPERATURES`; returns ``{utterance: temperature}`` for those replaced.  A transcript
+    that loops at every temperature stays (the guards still see it).  Each pass decodes the whole batch
+    (the adapted parameters are per utterance) with generators seeded by ``seed``; it runs only when a
+    transcript loops."""
+    todo = [b for b, (text, ids) in enumerate(texts) if _guards.looping(text, ids)]
+    used: dict[int, float] = {}
+    device = cross.keys[0].device
+    for temperature in FALLBACK_TEMPERATURES:
+        if not todo:
+            break
+        generators = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
+        hyps = decode(model, cross, prompts, temperature=temperature, max_new_tokens=budgets,
+                      generators=generators, over=over, head=head)
+        again = _texts(processor, prompts, hyps)
+        for b in todo:
+            if not _guards.looping(*again[b]):
+                texts[b], used[b] = again[b], temperature
+        todo = [b for b in todo if b not in used]
+    return used
 
 
 def _losses(model, cfg: AdaptConfig, cross: CrossKV, prompts, hyps: Hypotheses, binding: Binding,
@@ -453,11 +486,17 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
             cross_source = cross_kv(model, enc_source)
             prompts = build_prompts(model, cross_source, languages, task=cfg.task, head=head)
             before = decode(model, cross_source, prompts, greedy=True, max_new_tokens=budgets, head=head)
-        texts_before = _texts(processor, prompts, before)
+            texts_before = _texts(processor, prompts, before)
+            looped = {b for b, text in enumerate(texts_before) if _guards.looping(*text)}
+            fallback = _unloop(model, processor, cross_source, prompts, budgets, texts_before, cfg.seed, head)
         scores: list[dict] = [{"entropy_before": e} for e in before.mean_entropy()]
+        for b, temperature in fallback.items():
+            scores[b]["fallback_before"] = temperature
 
-        # Utterances the model is already sure of are not adapted (cfg.min_entropy); the others go on.
-        active = [b for b in range(n) if cfg.steps and scores[b]["entropy_before"] >= cfg.min_entropy]
+        # Utterances the model is already sure of are not adapted (cfg.min_entropy); the others go on.  A
+        # greedy transcript that looped is not confidence: those utterances adapt whatever their entropy.
+        active = [b for b in range(n)
+                  if cfg.steps and (scores[b]["entropy_before"] >= cfg.min_entropy or b in looped)]
         if len(active) < n and active:  # several episodic utterances, some confident: adapt the others
             binding = Binding(model, binding.named, len(active))
             prefix, enc_source = prefix[active], enc_source[active]
@@ -482,7 +521,11 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
                 cross = _cross(model, prefix, start, cross_fixed, binding.over, enc_source, cross_source)
                 after = decode(model, cross, a_prompts, greedy=True, max_new_tokens=a_budgets, over=binding.over,
                                head=head)
-                for b, text in zip(active, _texts(processor, a_prompts, after)):
+                adapted_texts = _texts(processor, a_prompts, after)
+                for i, temperature in _unloop(model, processor, cross, a_prompts, a_budgets, adapted_texts,
+                                              cfg.seed, head, over=binding.over).items():
+                    scores[active[i]]["fallback_after"] = temperature
+                for b, text in zip(active, adapted_texts):
                     texts_after[b] = text
                 if _guards.SCORED & set(cfg.guard_names):
                     pairs = [[texts_before[b][1], texts_after[b][1]] for b in active]

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "check", "compression_ratio", "longest_repeat", "sequence_logp", "SCORED"]
+__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "check", "compression_ratio", "longest_repeat", "looping", "sequence_logp", "SCORED"]
 
 
 @dataclass
@@ -67,12 +67,13 @@ def longest_repeat(tokens: list[int], max_n: int = 8) -> int:
     return best
 
 
-def _looping(text: str, tokens: list[int]) -> bool:
+def looping(text: str, tokens: list[int]) -> bool:
+    """A repetition loop: zlib compression ratio over 2.4 (Whisper's own test) or an n-gram repeated 4 times."""
     return compression_ratio(text) > 2.4 or longest_repeat(tokens) >= 4
 
 
 def repetition(ev: Evidence) -> str | None:
-    if _looping(ev.text_after, ev.tokens_after) and not _looping(ev.text_before, ev.tokens_before):
+    if looping(ev.text_after, ev.tokens_after) and not looping(ev.text_before, ev.tokens_before):
         return (f"repetition loop (compression ratio {compression_ratio(ev.text_after):.2f}, "
                 f"{longest_repeat(ev.tokens_after)} repeats)")
     return None
@@ -104,8 +105,8 @@ def length(ev: Evidence) -> str | None:
         return None
     if a > ev.max_length_ratio * max(b, 1):
         return f"{a} tokens vs {b} unadapted"
-    if b > ev.max_length_ratio * max(a, 1):
-        return f"{a} tokens vs {b} unadapted"
+    if b > ev.max_length_ratio * max(a, 1) and not looping(ev.text_before, ev.tokens_before):
+        return f"{a} tokens vs {b} unadapted"  # (shorter than a looping unadapted transcript: a repair)
     return None
 
 

@@ -131,6 +131,38 @@ def test_likelihood_decides_on_the_loops_own_scores(processor):
     assert verdicts == [True, False, False]  # both outcomes seen
 
 
+def test_length_lets_a_repair_of_a_looping_transcript_through():
+    loop = "I have one knee, knee, knee, knee, knee, knee, knee, knee, knee, knee, knee"
+    ev = evidence(before=loop, after="I have one knee", tb=[1, 2, 3] + [4, 5] * 10, ta=[1, 2, 3, 4])
+    assert guards.looping(ev.text_before, ev.tokens_before)
+    assert guards.length(ev) is None
+    ev.text_before, ev.tokens_before = "I have one knee and two feet and ten fingers and toes", list(range(22))
+    assert guards.length(ev) is not None  # far shorter than a sane transcript: still fires
+
+
+def test_a_looping_greedy_transcript_falls_back_to_sampling(processor, monkeypatch):
+    """Whisper's temperature fallback: the random model with no pull towards end of text loops greedily;
+    the transcript returned is the first non-looping sample, reproducibly, and the gate does not skip it."""
+    model = tiny_whisper(eos_strength=0.0)
+    audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
+    kw = dict(processor=processor, language="en", max_new_tokens=12)
+    monkeypatch.setattr(adapt_module, "FALLBACK_TEMPERATURES", ())
+    greedy = fastem.adapt(model, audio, steps=0, **kw)
+    assert guards.looping(greedy.text_before, greedy.tokens_before) and "fallback_before" not in greedy.scores
+    monkeypatch.undo()
+    first = fastem.adapt(model, audio, steps=0, **kw)
+    assert first.scores["fallback_before"] == adapt_module.FALLBACK_TEMPERATURES[0]
+    assert not guards.looping(first.text_before, first.tokens_before) and first.text == first.text_before
+    assert fastem.adapt(model, audio, steps=0, **kw).tokens_before == first.tokens_before  # seeded
+    assert fastem.transcribe(model, audio, **kw) == first.text
+    # a loop is not confidence: adapted even where the gate would skip everything else
+    gated = fastem.adapt(model, audio, steps=1, num_samples=2, min_entropy=1e6, **kw)
+    assert gated.skipped is None and len(gated.history) == 1
+    assert not guards.looping(gated.text_adapted, gated.tokens_adapted)
+    calm = fastem.adapt(tiny_whisper(), audio, steps=1, num_samples=2, min_entropy=1e6, **kw)
+    assert calm.skipped == "confident" and calm.history == []
+
+
 def test_unknown_guard_is_named():
     with pytest.raises(ValueError, match="unknown guard"):
         guards.check(evidence(), names=("nonsense",))
@@ -153,6 +185,7 @@ def test_a_guard_that_fires_in_the_loop_returns_the_unadapted_transcript(process
         return out
 
     monkeypatch.setattr(adapt_module, "_texts", looping)
+    monkeypatch.setattr(adapt_module, "FALLBACK_TEMPERATURES", ())  # the guard is what is left when sampling fails
     result = fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6)
     assert result.guard == "repetition" and "repeats" in result.guard_reason
     assert result.text == result.text_before and result.tokens == result.tokens_before
