@@ -333,14 +333,14 @@ FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def _unloop(model, processor, cross: CrossKV, prompts: list[Prompt], budgets: list[int],
-            texts: list[tuple[str, list[int]]], seed: int, head: Head, over=None) -> dict[int, float]:
+            texts: list[tuple[str, list[int]]], seed: int, head: Head, over=None) -> dict[int, float | None]:
     """Replace each looping greedy transcript in ``texts`` (in place) by the first non-looping sample at
-    :data:`FALLBACK_TEMPERATURES`; returns ``{utterance: temperature}`` for those replaced.  A transcript
-    that loops at every temperature stays (the guards still see it).  Each pass decodes the whole batch
-    (the adapted parameters are per utterance) with generators seeded by ``seed``; it runs only when a
-    transcript loops."""
+    :data:`FALLBACK_TEMPERATURES`; returns ``{utterance: temperature}`` for every transcript that looped,
+    the temperature ``None`` where it looped at every temperature and stays (the guards still see it).
+    Each pass decodes the whole batch (the adapted parameters are per utterance) with generators seeded
+    by ``seed``; it runs only when a transcript loops."""
     todo = [b for b, (text, ids) in enumerate(texts) if _guards.looping(text, ids)]
-    used: dict[int, float] = {}
+    used: dict[int, float | None] = {}
     device = cross.keys[0].device
     for temperature in FALLBACK_TEMPERATURES:
         if not todo:
@@ -353,7 +353,7 @@ def _unloop(model, processor, cross: CrossKV, prompts: list[Prompt], budgets: li
             if not _guards.looping(*again[b]):
                 texts[b], used[b] = again[b], temperature
         todo = [b for b in todo if b not in used]
-    return used
+    return {**used, **dict.fromkeys(todo)}
 
 
 def _losses(model, cfg: AdaptConfig, cross: CrossKV, prompts, hyps: Hypotheses, binding: Binding,
@@ -487,11 +487,11 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
             prompts = build_prompts(model, cross_source, languages, task=cfg.task, head=head)
             before = decode(model, cross_source, prompts, greedy=True, max_new_tokens=budgets, head=head)
             texts_before = _texts(processor, prompts, before)
-            looped = {b for b, text in enumerate(texts_before) if _guards.looping(*text)}
-            fallback = _unloop(model, processor, cross_source, prompts, budgets, texts_before, cfg.seed, head)
+            looped = _unloop(model, processor, cross_source, prompts, budgets, texts_before, cfg.seed, head)
         scores: list[dict] = [{"entropy_before": e} for e in before.mean_entropy()]
-        for b, temperature in fallback.items():
-            scores[b]["fallback_before"] = temperature
+        for b, temperature in looped.items():
+            if temperature is not None:
+                scores[b]["fallback_before"] = temperature
 
         # Utterances the model is already sure of are not adapted (cfg.min_entropy); the others go on.  A
         # greedy transcript that looped is not confidence: those utterances adapt whatever their entropy.
@@ -524,7 +524,8 @@ def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None
                 adapted_texts = _texts(processor, a_prompts, after)
                 for i, temperature in _unloop(model, processor, cross, a_prompts, a_budgets, adapted_texts,
                                               cfg.seed, head, over=binding.over).items():
-                    scores[active[i]]["fallback_after"] = temperature
+                    if temperature is not None:
+                        scores[active[i]]["fallback_after"] = temperature
                 for b, text in zip(active, adapted_texts):
                     texts_after[b] = text
                 if _guards.SCORED & set(cfg.guard_names):

@@ -16,7 +16,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "check", "compression_ratio", "longest_repeat", "looping", "sequence_logp", "SCORED"]
+__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "check", "compression_ratio", "longest_repeat", "looping",
+           "sequence_logp", "SCORED"]
 
 
 @dataclass
@@ -110,13 +111,15 @@ def length(ev: Evidence) -> str | None:
     return None
 
 
-def _drop(who: str, before: float | None, after: float | None, limit: float, ev: Evidence) -> str | None:
-    """``who`` finds the adapted transcript more than ``limit`` nats per token less likely than the unadapted one."""
+def _drop(who: str, before: float | None, after: float | None, limit: float, ev: Evidence,
+          what: str = "log-prob per token") -> str | None:
+    """``who`` finds the adapted transcript more than ``limit`` nats (per token, or of the ``what`` compared)
+    less likely than the unadapted one."""
     if before is None or after is None or ev.tokens_after == ev.tokens_before:
         return None
     drop = before - after
     if drop > limit:
-        return f"{who} log-prob per token {after:.2f} vs {before:.2f} unadapted (drop {drop:.2f} > {limit:g})"
+        return f"{who} {what} {after:.2f} vs {before:.2f} unadapted (drop {drop:.2f} > {limit:g})"
     return None
 
 
@@ -137,15 +140,11 @@ def likelihood(ev: Evidence) -> str | None:
     an edit that adds or drops tokens through at a threshold the whole transcript fails.  At 0 an adapted
     transcript is accepted only where the source model agrees it is at least as likely (adaptation as a
     search the source endorses)."""
-    values = (ev.source_logp_before, ev.source_logp_after)
-    if ev.max_seq_logp_drop is None or any(v is None for v in values) or ev.tokens_after == ev.tokens_before:
+    if ev.max_seq_logp_drop is None or ev.source_logp_before is None or ev.source_logp_after is None:
         return None
-    before = sequence_logp(ev.source_logp_before, ev.tokens_before)
-    after = sequence_logp(ev.source_logp_after, ev.tokens_after)
-    if before - after > ev.max_seq_logp_drop:
-        return (f"source model log-prob of the transcript {after:.2f} vs {before:.2f} unadapted "
-                f"(drop {before - after:.2f} > {ev.max_seq_logp_drop:g})")
-    return None
+    return _drop("source model", sequence_logp(ev.source_logp_before, ev.tokens_before),
+                 sequence_logp(ev.source_logp_after, ev.tokens_after), ev.max_seq_logp_drop, ev,
+                 what="log-prob of the transcript")
 
 
 def consensus(ev: Evidence) -> str | None:
