@@ -9,6 +9,11 @@
     python benchmarks/guard_sweep.py benchmarks/results/dev_base_rows.jsonl --method fastem --seq-drops 2,1,0.5,0
     python benchmarks/guard_sweep.py benchmarks/results/dev_tinyen_rows.jsonl --method fastem --backfill ../shared/data \
         --verifier base --save out/tinyen_verified.jsonl --verifier-drops 0,0.1,0.2
+    python benchmarks/guard_sweep.py benchmarks/results/dev_tinyen_rows.jsonl --method fastem_verifier_base \
+        --verifier-drops 0,0.1,0.2,0.3 --seq-drops 0,1,2,3,4,5 --grid      # the two guards added last, together
+
+The "off" rows are the decisions the rows were written with (every default but the likelihood and the
+verifier guard, which are swept here).
 
 Every adapted row records the adapted transcript whether or not a guard fired (``hyp_adapted`` in the
 domain benchmark's rows, ``text_adapted`` in the stream's), the unadapted one (``text_before``) and the
@@ -176,6 +181,9 @@ def main(argv=None) -> int:
                     help="with --backfill: score the changed rows under this second checkpoint (AdaptConfig.verifier)")
     ap.add_argument("--verifier-drops", default="", metavar="DROPS",
                     help="max_verifier_drop values to sweep with every other default (rows need verifier scores)")
+    ap.add_argument("--grid", action="store_true",
+                    help="with --verifier-drops and --seq-drops: every pair of the two thresholds (the library's "
+                         "default is the pair 0.1, 2)")
     ap.add_argument("--backfill", metavar="DATA_DIR", default=None,
                     help="compute scores.entropy_before where rows lack it (needs the models and the data)")
     ap.add_argument("--save", default=None, help="with --backfill: write the completed rows here")
@@ -259,6 +267,14 @@ def main(argv=None) -> int:
         sweep("max_seq_logp_drop", args.seq_drops, "seq_drop",
               sum(r.get("tokens_before") is not None and r.get("tokens_adapted") is not None for r in rows),
               "token ids")
+    if args.grid and args.verifier_drops and args.seq_drops:
+        print("\n| max_verifier_drop | max_seq_logp_drop (with every other default) | " + full.replace("|---:", "|---:|---:", 1))
+        for v in ["off"] + args.verifier_drops.split(","):
+            for q in ["off"] + args.seq_drops.split(","):
+                vd, sd = (None if v == "off" else float(v)), (None if q == "off" else float(q))
+                ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.min_entropy,
+                                                           consensus=0.0, verifier_drop=vd, seq_drop=sd))
+                print(line(f"{v} | {q}", ev))
     if args.tradeoff:
         print("\n| max_logp_drop (with gate, consensus) | " + full)
         for ev in tradeoff(rows, base, [float(d) for d in args.tradeoff.split(",")]):

@@ -33,18 +33,27 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                    help="the confidence guard: keep the unadapted transcript when the unadapted model finds the "
                         f"adapted one more than NATS per token less likely than its own (default {d.max_logp_drop:g}; "
                         "0: accept only transcripts the unadapted model also prefers, the safe setting)")
-    p.add_argument("--max-seq-logp-drop", type=float, default=d.max_seq_logp_drop, metavar="NATS",
+    p.add_argument("--max-seq-logp-drop", type=_optional_float, default=d.max_seq_logp_drop, metavar="NATS",
                    help="the likelihood guard: keep the unadapted transcript when the unadapted model finds the "
-                        "adapted one, as a whole, more than NATS less likely than its own (default: off; 0 is "
-                        "the safe setting: fewest transcripts made worse)")
-    p.add_argument("--verifier", default=None, metavar="MODEL",
+                        f"adapted one, as a whole, more than NATS less likely than its own (default "
+                        f"{d.max_seq_logp_drop:g}; 'none': off; 0: the strictest)")
+    p.add_argument("--verifier", type=_optional_name, default=d.verifier, metavar="MODEL",
                    help="a second checkpoint (tiny.en, base, a hub id or a directory) that votes on each changed "
-                        "transcript: the unadapted one is kept when it finds the adapted one less likely")
+                        "transcript: the unadapted one is kept when it finds the adapted one less likely "
+                        f"(default {d.verifier}: a bundled checkpoint other than the model; 'none': no verifier)")
     p.add_argument("--max-verifier-drop", type=float, default=d.max_verifier_drop, metavar="NATS",
                    help=f"how much less likely, per token (default {d.max_verifier_drop:g})")
     p.add_argument("--guards", type=_guard_names, default=d.guards, metavar="NAMES",
                    help=f"comma-separated guards that may reject the adapted transcript, 'none' for none "
                         f"(default {','.join(d.guards)}; known: {','.join(GUARDS)})")
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def _optional_name(text: str) -> str | None:
+    return None if text.strip().lower() == "none" else text
 
 
 def _guard_names(text: str) -> tuple[str, ...]:

@@ -10,20 +10,61 @@ per token less likely.  It never adapts and never writes the user's model.
 The texts are re-tokenized with the verifier's own tokenizer and the audio goes through its own feature
 extractor, so any Whisper checkpoint can verify any other.  An English-only verifier has no vote on
 audio in another language (its scores are ``None``: the guard passes).
+
+``verifier="auto"`` (the default) picks a bundled checkpoint other than the one being adapted
+(:func:`resolve_verifier`): the multilingual base, or tiny.en for a model of base's own shape.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
 from .sampling import Head, build_prompts, is_multilingual, language_code, mean_logp
 from .whisper import cross_kv, encode, features
 
-__all__ = ["load_verifier", "verifier_scores"]
+__all__ = ["AUTO", "load_verifier", "resolve_verifier", "verifier_scores"]
 
 _LOADED: dict[tuple[str, str], tuple] = {}
 _LOCK = threading.Lock()
+
+AUTO = "auto"
+#: (d_model, encoder layers, decoder layers, vocabulary) of the bundled multilingual base
+_BASE_SHAPE = (512, 6, 6, 51865)
+_WARNED: set[str] = set()
+
+
+def resolve_verifier(name: str | None, model) -> str | None:
+    """The checkpoint that verifies ``model`` for the setting ``name`` (``AdaptConfig.verifier``).
+
+    ``None``: no verifier.  A checkpoint name, hub id or directory: itself.  ``"auto"``: a bundled
+    checkpoint other than the model being adapted, so that the vote comes from a network with other blind
+    spots: the multilingual base, or the English-only tiny.en when the model has base's own shape (base
+    itself, or a fine-tune of it; tiny.en then abstains on other languages).  On the dev protocol this
+    pairing (base verified by tiny.en, tiny.en by base) kept the utterances made worse under 3% on both
+    checkpoints (benchmarks/RESULTS.md).  ``"auto"`` gives no verifier for a model that was not loaded from
+    a checkpoint (built in memory from a config: nothing to compare it with) and, with a warning, when the
+    bundled weights are not installed (``pip install 'fastem[weights]'``).
+    """
+    if name != AUTO:
+        return name
+    info = getattr(model, "fastem_load_info", None)
+    config = model.config
+    if info is None and not getattr(config, "_name_or_path", ""):
+        return None
+    shape = (config.d_model, config.encoder_layers, config.decoder_layers, config.vocab_size)
+    chosen = "tiny.en" if shape == _BASE_SHAPE else "base"
+    from .models import is_installed
+
+    if not is_installed(chosen):
+        if chosen not in _WARNED:
+            _WARNED.add(chosen)
+            warnings.warn(f"verifier='auto': the bundled Whisper {chosen!r} is not installed, so adapted transcripts "
+                          "are not verified by a second checkpoint (pip install 'fastem[weights]', or pass "
+                          "verifier=None to silence this)", stacklevel=3)
+        return None
+    return chosen
 
 
 def load_verifier(name: str, device) -> tuple:

@@ -89,3 +89,26 @@ def test_seq_drop_re_decides_on_whole_transcript_log_probs():
     assert sweep.decide(row, max_drop=0.0, max_ratio=None) == "a b d e f"  # per token it is more likely
     words_only = _row("a b c", "a b d e f", source_before=-0.5, source_after=-0.45)
     assert sweep.decide(words_only, max_drop=None, max_ratio=None, seq_drop=0.0) == "a b d e f"  # no token ids
+
+
+def test_grid_crosses_the_verifier_and_likelihood_thresholds(tmp_path, capsys):
+    import json
+
+    def raw(ref, verifier_after, source_after):
+        # "a b c" -> "a b d": 3 tokens + end of text each, source mean -0.5 before
+        return {"method": "m", "ref": ref, "text_before": "a b c", "hyp_adapted": "a b d", "audio_seconds": 3.0,
+                "domain": "d", "language": "en", "tokens_before": [1, 2, 3], "tokens_adapted": [1, 2, 4],
+                "scores": {"entropy_before": 2.0, "source_before": -0.5, "source_after": source_after,
+                           "adapted_before": -1.0, "adapted_after": 0.0, "verifier_before": -0.5,
+                           "verifier_after": verifier_after}}
+
+    rows = [raw("a b c", -0.7, -0.5),   # harmful; the verifier objects (drop 0.2 per token), the source does not
+            raw("a b d", -0.5, -1.25)]  # helpful; the source finds it 3 nats less likely in total
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sweep.main([str(path), "--method", "m", "--drops", "none", "--ratios", "none",
+                       "--verifier-drops", "0.1", "--seq-drops", "2", "--grid"]) == 0
+    out = capsys.readouterr().out
+    grid = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[7].strip()
+            for line in out.split("max_verifier_drop | max_seq_logp_drop")[1].splitlines()[2:] if line.startswith("|")}
+    assert grid == {("off", "off"): "1 / 1", ("off", "2"): "1 / 0", ("0.1", "off"): "0 / 1", ("0.1", "2"): "0 / 0"}

@@ -360,15 +360,19 @@ def test_suta_is_ungated_and_its_rows_predate_the_gate():
     assert config_hash("suta", dom, 0, suta) != config_hash("suta", dom, 0, gated)
 
 
-def test_opt_in_guards_off_leave_the_row_key_alone():
+def test_later_guards_off_leave_the_row_key_alone():
     """``max_seq_logp_drop=None`` and ``verifier=None`` (with its threshold) are left out of the key, so rows
-    written before those settings existed stay valid; set, they count."""
-    old = resolved_adapt_config({})
+    written before those settings existed stay valid under a definition that turns them off; set (as by
+    default), they count."""
+    off = {"max_seq_logp_drop": None, "verifier": None}
+    old = resolved_adapt_config(off)
     assert "max_seq_logp_drop" not in old and "verifier" not in old and "max_verifier_drop" not in old
-    assert resolved_adapt_config({"max_verifier_drop": 0.3}) == old  # a threshold without its verifier
-    assert resolved_adapt_config({"max_seq_logp_drop": 0.0})["max_seq_logp_drop"] == 0.0
-    with_verifier = resolved_adapt_config({"verifier": "base"})
+    assert resolved_adapt_config({**off, "max_verifier_drop": 0.3}) == old  # a threshold without its verifier
+    assert resolved_adapt_config({**off, "max_seq_logp_drop": 0.0})["max_seq_logp_drop"] == 0.0
+    with_verifier = resolved_adapt_config({**off, "verifier": "base"})
     assert with_verifier["verifier"] == "base" and with_verifier["max_verifier_drop"] == 0.1
+    default = resolved_adapt_config({})
+    assert default["verifier"] == "auto" and default["max_seq_logp_drop"] == 2.0
 
 
 def test_changing_a_definition_reruns_only_that_method(synth, tmp_path):

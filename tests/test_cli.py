@@ -201,9 +201,13 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert main(["transcribe", files["good"], "--adapt", "--max-logp-drop", "0"]) == 0
     assert drops == [fastem.AdaptConfig().max_logp_drop] * 3 + [0.0]
     assert main(["transcribe", files["good"], "--adapt", "--verifier", "tiny.en", "--max-verifier-drop", "0.2"]) == 0
-    assert verifiers[-1] == ("tiny.en", 0.2) and verifiers[0] == (None, fastem.AdaptConfig().max_verifier_drop)
+    assert verifiers[-1] == ("tiny.en", 0.2) and verifiers[0] == ("auto", fastem.AdaptConfig().max_verifier_drop)
+    assert main(["transcribe", files["good"], "--adapt", "--verifier", "none"]) == 0
+    assert verifiers[-1][0] is None
     assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "0"]) == 0
-    assert seq_drops[-1] == 0.0 and seq_drops[0] is None
+    assert seq_drops[-1] == 0.0 and seq_drops[0] == fastem.AdaptConfig().max_seq_logp_drop == 2.0
+    assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "none"]) == 0
+    assert seq_drops[-1] is None
     with pytest.raises(SystemExit):
         main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
     assert "unknown guard(s) nonsense" in capsys.readouterr().err

@@ -101,11 +101,15 @@ def test_likelihood_compares_whole_transcripts_not_per_token_means():
     assert guards.likelihood(same) is None
 
 
-def test_likelihood_is_opt_in_through_its_threshold():
-    assert "likelihood" not in guards.DEFAULT_GUARDS and "likelihood" not in fastem.AdaptConfig().guard_names
-    names = fastem.AdaptConfig(max_seq_logp_drop=0.0, verifier="base").guard_names
-    assert names[-2:] == ("likelihood", "verifier")
-    assert fastem.AdaptConfig(max_seq_logp_drop=1.0, guards=("likelihood",)).guard_names == ("likelihood",)
+def test_likelihood_and_verifier_come_with_their_settings():
+    """On by default through their settings (``max_seq_logp_drop=2``, ``verifier="auto"``), off when unset;
+    an empty guard list turns every guard off."""
+    assert "likelihood" not in guards.DEFAULT_GUARDS
+    assert fastem.AdaptConfig().guard_names == guards.DEFAULT_GUARDS + ("likelihood", "verifier")
+    assert fastem.AdaptConfig(max_seq_logp_drop=None, verifier=None).guard_names == guards.DEFAULT_GUARDS
+    assert fastem.AdaptConfig(guards=()).guard_names == ()
+    assert fastem.AdaptConfig(max_seq_logp_drop=1.0, guards=("likelihood",)).guard_names == ("likelihood", "verifier")
+    assert fastem.AdaptConfig(guards=("likelihood",), verifier=None).guard_names == ("likelihood",)
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="max_seq_logp_drop"):
             fastem.AdaptConfig(max_seq_logp_drop=bad)
@@ -117,13 +121,14 @@ def test_likelihood_decides_on_the_loops_own_scores(processor):
     model = tiny_whisper(seed=1)  # here the source model finds the adapted transcript ~0.015 nats less likely
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
     kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=5e-2, max_new_tokens=6, min_entropy=0.0)
-    free = fastem.adapt(model, audio, guards=(), max_seq_logp_drop=1e9, **kw)  # scored, never fires
+    kw.update(guards=("likelihood",), verifier=None)
+    free = fastem.adapt(model, audio, max_seq_logp_drop=1e9, **kw)  # scored, never fires
     assert free.tokens_adapted != free.tokens_before  # the setting changes the transcript: the test can fail
     before = guards.sequence_logp(free.scores["source_before"], free.tokens_before)
     after = guards.sequence_logp(free.scores["source_after"], free.tokens_adapted)
     verdicts = []
     for limit in (0.0, max(before - after, 0.0) + 0.01, abs(before - after) + 1.0):
-        res = fastem.adapt(model, audio, guards=(), max_seq_logp_drop=limit, **kw)
+        res = fastem.adapt(model, audio, max_seq_logp_drop=limit, **kw)
         fires = before - after > limit
         assert (res.guard == "likelihood") == fires
         assert res.tokens == (res.tokens_before if fires else free.tokens_adapted)

@@ -62,7 +62,7 @@ def test_the_verifier_votes_in_the_loop(processor, monkeypatch):
 
     monkeypatch.setattr(adapt_module, "_texts", changed)
     kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
-              guards=(), verifier="judge-checkpoint")
+              guards=("verifier",), verifier="judge-checkpoint", max_seq_logp_drop=None)
     loose = fastem.adapt(model, audio, max_verifier_drop=100.0, **kw)
     assert loaded == ["judge-checkpoint"] and loose.guard is None and loose.text == "hello world"
     feats = _feats(processor, audio)
@@ -94,3 +94,49 @@ def test_bad_verifier_settings_are_named(bad):
     with pytest.raises(ValueError, match="verifier"):
         fastem.AdaptConfig(**bad)
 
+
+
+def _checkpoint(d_model, layers, vocab, origin="some/checkpoint"):
+    """Only what the resolution reads: the architecture and where the model came from."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(d_model=d_model, encoder_layers=layers, decoder_layers=layers, vocab_size=vocab,
+                             _name_or_path=origin)
+    return SimpleNamespace(config=config)
+
+
+def test_auto_picks_a_bundled_checkpoint_other_than_the_model(monkeypatch):
+    monkeypatch.setattr("fastem.models.is_installed", lambda name: True)
+    resolve = verifier_module.resolve_verifier
+    assert resolve("auto", _checkpoint(512, 6, 51865)) == "tiny.en"     # base (or a fine-tune of it)
+    assert resolve("auto", _checkpoint(384, 4, 51864)) == "base"        # tiny.en
+    assert resolve("auto", _checkpoint(768, 12, 51865)) == "base"       # small, from the hub
+    loaded = _checkpoint(512, 6, 51865, origin="")
+    loaded.fastem_load_info = fastem.models.LoadInfo("base", "cache", "/somewhere", 0.1)
+    assert resolve("auto", loaded) == "tiny.en"                         # load_whisper's own record
+    assert resolve("auto", _checkpoint(512, 6, 51865, origin="")) is None  # built in memory: nothing to compare
+    assert resolve("auto", tiny_whisper()) is None
+    assert resolve("tiny.en", tiny_whisper()) == "tiny.en" and resolve(None, _checkpoint(512, 6, 51865)) is None
+
+
+def test_auto_without_the_bundled_weights_warns_and_verifies_nothing(monkeypatch):
+    monkeypatch.setattr("fastem.models.is_installed", lambda name: False)
+    monkeypatch.setattr(verifier_module, "_WARNED", set())
+    with pytest.warns(UserWarning, match="not installed"):
+        assert verifier_module.resolve_verifier("auto", _checkpoint(384, 4, 51864)) is None
+
+
+def test_the_default_loads_the_auto_verifier_in_the_loop(processor, monkeypatch):
+    """With the default settings a model loaded from a checkpoint is verified by the checkpoint "auto" names."""
+    model, judge = tiny_whisper(), tiny_whisper(seed=5)
+    model.config._name_or_path = "someone/whisper-finetune"  # d_model 32: not base's shape, so "base" verifies
+    monkeypatch.setattr("fastem.models.is_installed", lambda name: True)
+    loaded = []
+    monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: loaded.append(name) or (judge, processor))
+    audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
+    fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
+                 min_entropy=0.0)
+    assert loaded == ["base"]
+    fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
+                 min_entropy=0.0, guards=())
+    assert loaded == ["base"]  # no guards: no verifier loaded

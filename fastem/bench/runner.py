@@ -91,9 +91,10 @@ BUILTIN_METHODS: dict[str, dict[str, Any] | None] = {
     "pg": {"objective": "pg"},
     "em": {"objective": "em"},
     # SUTA as its research code runs it on Whisper: LayerNorms, AdamW 5e-4, 10 steps, entropy temperature
-    # 2.5, em_coef 0.5 with minimum class confusion, no guards and no confidence gate (every utterance adapts).
+    # 2.5, em_coef 0.5 with minimum class confusion, no guards, no verifier and no confidence gate (every
+    # utterance adapts).
     "suta": {"objective": "suta", "params": "layernorm", "lr": 5e-4, "steps": 10, "temperature": 2.5,
-             "em_coef": 0.5, "guards": [], "min_entropy": 0.0},
+             "em_coef": 0.5, "guards": [], "min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None},
 }
 DEV_METHODS = ["none", "fastem", "entropy", "pg", "suta", "em"]
 # The dev protocol's domains: clean US English, non-native English, real noise (dishes / bike / tap) at

@@ -5,11 +5,12 @@ tools and tests.
 """
 from .convert import ConversionError, convert_ct2_whisper
 from .ctranslate2 import CT2FormatError, CT2Model, read_ct2_model
-from .load import BUILTIN_MODELS, LoadInfo, WeightsNotInstalledError, available_models, load_whisper
+from .load import BUILTIN_MODELS, LoadInfo, WeightsNotInstalledError, available_models, is_installed, load_whisper
 
 __all__ = [
     "load_whisper",
     "available_models",
+    "is_installed",
     "BUILTIN_MODELS",
     "LoadInfo",
     "WeightsNotInstalledError",

@@ -95,6 +95,15 @@ def available_models() -> list[str]:
     return list(BUILTIN_MODELS)
 
 
+def is_installed(name: str) -> bool:
+    """Whether the weights packages of the bundled model ``name`` are installed (nothing is loaded)."""
+    try:
+        _builtin_sources(name)
+    except WeightsNotInstalledError:
+        return False
+    return True
+
+
 def _package_file(part: _Part, model: str) -> Path:
     spec = importlib.util.find_spec(part.package)
     locations = list(spec.submodule_search_locations or []) if spec else []
