@@ -178,6 +178,8 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "likelihood": likelihood,
     "verifier": verifier,
 }
+#: the guards named by default; :class:`fastem.AdaptConfig` adds ``likelihood`` and ``verifier`` through their
+#: settings (``max_seq_logp_drop``, ``verifier``: both on by default)
 DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus")
 #: the guards that judge by the source and the adapted model's scores of both transcripts (the loop computes
 #: them only when one of these is checked)
