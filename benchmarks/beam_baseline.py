@@ -8,8 +8,8 @@ For every ``none`` row of the rows file (same audio: the row's domain and uttera
 benchmark builds it), transcribes with ``transformers``' own ``generate``: greedy (checked against the
 row's transcript) and beam search with ``--beams`` beams, the language given, no timestamps, and writes one
 JSON line per utterance with both transcripts and their word errors (the library's scorer).  Prints macro
-WER (mean over domains of each domain's corpus WER) of greedy, beam search and, when the rows file has
-them, of ``--compare`` (default: fastem).
+WER (mean over domains of each domain's corpus WER) of beam search and, when the rows file has them, of
+``--compare`` (default: fastem), each paired against greedy (``fastem.bench.report.paired_comparison``).
 """
 from __future__ import annotations
 
@@ -21,16 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastem.bench.report import score  # noqa: E402
-
-
-def macro(rows: list[dict], key: str) -> float:
-    per: dict[str, list[int]] = {}
-    for r in rows:
-        d = per.setdefault(r["domain"], [0, 0])
-        d[0] += r[key]
-        d[1] += r["ref_words"]
-    return sum(e / n for e, n in per.values()) / len(per)
+from fastem.bench.report import paired_comparison, score  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -73,17 +64,16 @@ def main(argv=None) -> int:
                                 "seconds": time.perf_counter() - start}, ensure_ascii=False, sort_keys=True) + "\n")
             f.flush()
     got = [json.loads(line) for line in open(out)]
-    other = {(r["domain"], r["utt_id"]): r["errors"] for r in rows if r["method"] == args.compare}
-    worse = sum(g["errors_beam"] > g["errors_greedy"] for g in got)
-    better = sum(g["errors_beam"] < g["errors_greedy"] for g in got)
-    g0, gb = macro(got, "errors_greedy"), macro(got, "errors_beam")
-    print(f"{len(got)} utterances ({sum(g['same_as_row'] for g in got)} greedy transcripts equal to the rows'): "
-          f"macro WER greedy {g0:.2%}, beam {args.beams} {gb:.2%} ({gb / g0 - 1:+.1%}; worse / better {worse} / {better})")
-    if other and all((g["domain"], g["utt_id"]) in other for g in got):
-        for g in got:
-            g["errors_other"] = other[(g["domain"], g["utt_id"])]
-        go = macro(got, "errors_other")
-        print(f"{args.compare}: {go:.2%} ({go / g0 - 1:+.1%})")
+    print(f"{len(got)} utterances ({sum(g['same_as_row'] for g in got)} greedy transcripts equal to the rows')")
+    table = [{"method": method, "domain": g["domain"], "utt_id": g["utt_id"], "errors": g[key],
+              "ref_words": g["ref_words"]} for method, key in (("none", "errors_greedy"), ("beam", "errors_beam"))
+             for g in got] + [r for r in rows if r["method"] == args.compare]
+    for method in ("beam", args.compare):
+        p = paired_comparison(table, method)  # against greedy, on the utterances both have
+        if p is not None:
+            print(f"{method}: macro WER {p['wer']:.2%} vs greedy {p['wer_baseline']:.2%} ({p['rel_change']:+.1%}, "
+                  f"95% CI [{p['ci_low']:+.1%}, {p['ci_high']:+.1%}]); worse / better {p['worse']} / {p['better']} "
+                  f"of {p['items']}")
     return 0
 
 
