@@ -58,7 +58,7 @@ def _median_time(fn, repeats: int) -> float:
 
 def _clips(data_dir: Path, n: int) -> list[torch.Tensor]:
     """The first ``n`` LibriSpeech / LJSpeech DEV clips of 3-10 s (real speech)."""
-    from fastem.bench.data import load_manifest, read_audio
+    from harness.data import load_manifest, read_audio
 
     clips = []
     for corpus in ("librispeech", "ljspeech"):

@@ -9,7 +9,7 @@ benchmark builds it), transcribes with ``transformers``' own ``generate``: greed
 row's transcript) and beam search with ``--beams`` beams, the language given, no timestamps, and writes one
 JSON line per utterance with both transcripts and their word errors (the library's scorer).  Prints macro
 WER (mean over domains of each domain's corpus WER) of beam search and, when the rows file has them, of
-``--compare`` (default: fastem), each paired against greedy (``fastem.bench.report.paired_comparison``).
+``--compare`` (default: fastem), each paired against greedy (``harness.report.paired_comparison``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastem.bench.report import paired_comparison, score  # noqa: E402
+from harness.report import paired_comparison, score  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,18 @@
-"""pytest set-up for the benchmarks (never part of the default test run: testpaths = tests).
+"""pytest set-up for the benchmarks.
 
-Run: ``pytest benchmarks --benchmark-only`` (``make bench-gpu`` on a CUDA machine).  Files named
-``bench_*.py`` are collected here, so they are not picked up by a plain ``pytest`` of the tests.
+The speed tables: ``pytest benchmarks --benchmark-only`` (``make bench-gpu`` on a CUDA machine).  Files
+named ``bench_*.py`` are collected here, so they are not picked up by a plain ``pytest`` of the tests.
+The harness's own tests (``benchmarks/tests``) are part of the default run; the harness package
+(``benchmarks/harness``) is imported from this folder, as the benchmark scripts do.
 """
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

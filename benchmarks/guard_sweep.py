@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastem import AdaptConfig, guards  # noqa: E402
-from fastem.bench.report import score  # noqa: E402
+from harness.report import score  # noqa: E402
 
 
 def normalized(row: dict) -> dict:
@@ -85,8 +85,8 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
 
 def _audio(r: dict, data_dir: str):
     """The row's utterance as the domain benchmark made it (16 kHz mono)."""
-    from fastem.bench.data import load_manifest
-    from fastem.bench.domains import DOMAINS
+    from harness.data import load_manifest
+    from harness.domains import DOMAINS
 
     utt = next(u for u in load_manifest(data_dir, r["corpus"]) if u.utt_id == r["utt_id"])
     return DOMAINS[r["domain"]].load(utt, data_dir=data_dir)

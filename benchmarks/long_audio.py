@@ -36,7 +36,7 @@ def add_noise(wave, snr_db: float, data_dir: Path, noise_id: str = "doing_the_di
     """The whole recording mixed with real kitchen noise, as the domain benchmark mixes a clip."""
     import numpy as np
 
-    from fastem.bench.domains import make_noise_transform
+    from harness.domains import make_noise_transform
 
     mixed = make_noise_transform(noise_id, snr_db)(wave.double(), np.random.default_rng(0), data_dir)
     return mixed.float().clamp(-1, 1)
@@ -45,7 +45,7 @@ def add_noise(wave, snr_db: float, data_dir: Path, noise_id: str = "doing_the_di
 def build_recording(data_dir: Path, minutes: float, corpus: str = "kathleen"):
     import torch
 
-    from fastem.bench.data import load_manifest, read_audio
+    from harness.data import load_manifest, read_audio
 
     parts, texts, total = [], [], 0
     gap = torch.zeros(int(0.4 * 16000))

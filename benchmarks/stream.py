@@ -56,8 +56,8 @@ def parse_modes(text: str) -> list[tuple[str, str, dict]]:
 
 
 def build_stream(data_dir: Path, n: int, snr: float, noise: str = "doing_the_dishes"):
-    from fastem.bench.data import select_utterances
-    from fastem.bench.domains import Domain, make_noise_transform
+    from harness.data import select_utterances
+    from harness.domains import Domain, make_noise_transform
 
     domain = Domain(f"stream_nonnative_{noise}_{snr:g}db", ("speechocean762",), "en", "noise",
                     f"speechocean762 with {noise} at {snr:g} dB", f"add_noise(noise={noise},snr_db={snr:g})",

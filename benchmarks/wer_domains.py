@@ -57,8 +57,8 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from fastem.bench.domains import DOMAINS, resolve_domains  # noqa: E402
-from fastem.bench.runner import PROFILES, RunConfig, parse_definition, run  # noqa: E402
+from harness.domains import DOMAINS, resolve_domains  # noqa: E402
+from harness.runner import PROFILES, RunConfig, parse_definition, run  # noqa: E402
 
 
 def _csv(text: str) -> list[str]:

@@ -2,7 +2,7 @@
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "guard_sweep.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "guard_sweep.py"
 spec = importlib.util.spec_from_file_location("guard_sweep_bench", SCRIPT)
 sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep)

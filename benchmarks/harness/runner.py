@@ -1,7 +1,7 @@
 """Benchmark runner: work items, sharding over ranks, resumable JSONL rows, the methods.
 
 Work list: for each selected domain (registry order), its first ``utts_per_domain`` utterances
-(deterministic, see :func:`fastem.bench.data.select_utterances`).  Item ``i`` of the list belongs to
+(deterministic, see :func:`harness.data.select_utterances`).  Item ``i`` of the list belongs to
 rank ``i % world_size``.  Each item loads the clean audio once, applies the domain, and runs every
 method that has no row yet:
 

@@ -1,9 +1,9 @@
 """Domain benchmark: WER of each adaptation method across 20+ shifted domains.
 
-* :mod:`fastem.bench.data`    manifests, utterance records, audio reading, deterministic selection
-* :mod:`fastem.bench.domains` the corruptions and the named domain registry :data:`DOMAINS`
-* :mod:`fastem.bench.runner`  work items, sharding over ranks, resumable JSONL rows, the methods
-* :mod:`fastem.bench.report`  aggregation, markdown tables, the figure
+* :mod:`harness.data`    manifests, utterance records, audio reading, deterministic selection
+* :mod:`harness.domains` the corruptions and the named domain registry :data:`DOMAINS`
+* :mod:`harness.runner`  work items, sharding over ranks, resumable JSONL rows, the methods
+* :mod:`harness.report`  aggregation, markdown tables, the figure
 
 The command line is ``benchmarks/wer_domains.py`` (``--profile smoke|quick|screen|dev|full``).
 """

@@ -1,4 +1,4 @@
-"""Domain registry and corruptions of the WER benchmark (fastem.bench.domains / fastem.bench.data)."""
+"""Domain registry and corruptions of the WER benchmark (harness.domains / harness.data)."""
 from __future__ import annotations
 
 import zlib
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastem.bench.data import (
+from harness.data import (
     default_data_dir,
     list_corpora,
     load_manifest,
@@ -17,7 +17,7 @@ from fastem.bench.data import (
     stable_seed,
     write_synthetic_dataset,
 )
-from fastem.bench.domains import DOMAINS, NOISE_SNRS, measure_snr, resolve_domains
+from harness.domains import DOMAINS, NOISE_SNRS, measure_snr, resolve_domains
 
 REAL_DATA = default_data_dir()
 HAVE_REAL = (REAL_DATA / "speech").is_dir()

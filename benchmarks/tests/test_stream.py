@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stream.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "stream.py"
 spec = importlib.util.spec_from_file_location("stream_bench", SCRIPT)
 stream = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(stream)

@@ -1,7 +1,7 @@
 """Named evaluation domains: a source corpus (or pool), a language and a deterministic audio transform.
 
 Every corrupted domain is ``transform(clean audio, rng)`` where ``rng`` is seeded by
-``crc32(utt_id | domain | seed)`` (see :func:`fastem.bench.data.stable_seed`), so rerunning gives
+``crc32(utt_id | domain | seed)`` (see :func:`harness.data.stable_seed`), so rerunning gives
 bit-identical audio in any process.  The transforms run single-threaded in float64 and return 1-D
 float32 in ``[-1, 1]`` with no NaN/Inf.
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fastem.bench import report
-from fastem.bench.data import default_data_dir, write_synthetic_dataset
-from fastem.bench.domains import DOMAINS
-from fastem.bench.runner import (
+from harness import report
+from harness.data import default_data_dir, write_synthetic_dataset
+from harness.domains import DOMAINS
+from harness.runner import (
     BUILTIN_METHODS,
     DEV_DOMAINS,
     PROFILES,
@@ -30,7 +30,7 @@ from fastem.bench.runner import (
     work_items,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "wer_domains.py"
 REAL_DATA = default_data_dir()
 TIMING = set(report.TIMING_FIELDS)

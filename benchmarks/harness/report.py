@@ -66,7 +66,7 @@ def _fastem_text():
 def scorer_name() -> str:
     if _fastem_text() is not None:
         return "fastem.text.word_errors"
-    return "fastem.bench.report fallback (Whisper normalizers, no spelling map)"
+    return "harness.report fallback (Whisper normalizers, no spelling map)"
 
 
 _FALLBACK_NORMALIZERS: dict[str, object] = {}

@@ -1,11 +1,11 @@
-"""Aggregation, markdown and figure of the WER benchmark (fastem.bench.report) from synthetic rows."""
+"""Aggregation, markdown and figure of the WER benchmark (harness.report) from synthetic rows."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from fastem.bench import report
+from harness import report
 
 
 def _row(domain, utt, method, errors, words, *, lang="en", before=None, seconds=1.0, audio=2.0, tok=None, tok_s=None):
