@@ -3,6 +3,9 @@
 
     python benchmarks/beam_baseline.py benchmarks/results/dev_base_rows.jsonl --model base \\
         --out benchmarks/results/dev_base_beam5_rows.jsonl        # resumes; ~5.5 s per utterance on 2 cores
+    python benchmarks/beam_baseline.py out/confirm/rows.jsonl --model base \\
+        --out benchmarks/results/confirm_base_beam5_rows.jsonl    # CONFIRM rows: audio from the CONFIRM data
+    python benchmarks/beam_baseline.py out/confirm/rows.jsonl --model base --limit 2 --out out/beam_check.jsonl
 
 For every ``none`` row of the rows file (same audio: the row's domain and utterance, rebuilt as the domain
 benchmark builds it), transcribes with ``transformers``' own ``generate``: greedy (checked against the
@@ -10,6 +13,11 @@ row's transcript) and beam search with ``--beams`` beams, the language given, no
 JSON line per utterance with both transcripts and their word errors (the library's scorer).  Prints macro
 WER (mean over domains of each domain's corpus WER) of beam search and, when the rows file has them, of
 ``--compare`` (default: fastem), each paired against greedy (``harness.report.paired_comparison``).
+
+The audio is read from ``--data`` when given, else from the default directory of the data set each row's
+domain reads (DEV: ``$FASTEM_DATA`` or ``<repo>/../shared/data``; CONFIRM domains, ``confirm_*``:
+``$FASTEM_CONFIRM_DATA`` or ``<repo>/../shared/confirm``).  ``--limit N`` transcribes at most N more
+utterances in this call (a check, or a run in slices: the output file resumes).
 """
 from __future__ import annotations
 
@@ -30,7 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--beams", type=int, default=5)
-    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--data", "--data-dir", dest="data", default=None,
+                    help="data dir of the rows' audio (default: per row, its domain's data set's default directory)")
+    ap.add_argument("--limit", type=int, default=None, help="transcribe at most this many new utterances")
     ap.add_argument("--compare", default="fastem")
     args = ap.parse_args(argv)
 
@@ -45,11 +55,16 @@ def main(argv=None) -> int:
     done = {(r["domain"], r["utt_id"]) for r in map(json.loads, open(out))} if out.exists() else set()
     model, processor = fastem.load_whisper(args.model)
     kw = {"task": "transcribe"} if model.generation_config.is_multilingual else {}
+    new = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), open(out, "a") as f:
         for r in todo:
             if (r["domain"], r["utt_id"]) in done:
                 continue
-            feats = processor.feature_extractor(_audio(r, args.data_dir).numpy(), sampling_rate=16000,
+            if args.limit is not None and new >= args.limit:
+                break
+            new += 1
+            feats = processor.feature_extractor(_audio(r, args.data).numpy(), sampling_rate=16000,
                                                 return_tensors="pt").input_features
             start = time.perf_counter()
             lang = {"language": r["language"]} if kw else {}

@@ -83,13 +83,19 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
     return before if guards.check(ev, names) else after
 
 
-def _audio(r: dict, data_dir: str):
-    """The row's utterance as the domain benchmark made it (16 kHz mono)."""
-    from harness.data import load_manifest
-    from harness.domains import DOMAINS
+def _audio(r: dict, data_dir: str | None = None):
+    """The row's utterance as the domain benchmark made it (16 kHz mono), read from ``data_dir`` (None: the
+    default directory of the data set the row's domain reads, DEV or CONFIRM)."""
+    from harness.data import default_data_dir, load_manifest
+    from harness.domains import get_domain
 
-    utt = next(u for u in load_manifest(data_dir, r["corpus"]) if u.utt_id == r["utt_id"])
-    return DOMAINS[r["domain"]].load(utt, data_dir=data_dir)
+    dom = get_domain(r["domain"])
+    data_dir = data_dir or default_data_dir(dom.data)
+    utt = next((u for u in load_manifest(data_dir, r["corpus"]) if u.utt_id == r["utt_id"]), None)
+    if utt is None:
+        raise KeyError(f"{r['utt_id']} (domain {r['domain']}, data set {dom.data!r}) is not in {data_dir}: "
+                       f"is it the {dom.data!r} data set?")
+    return dom.load(utt, data_dir=data_dir)
 
 
 def backfill(rows: list[dict], raw: list[dict], data_dir: str) -> None:

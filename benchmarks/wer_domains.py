@@ -9,6 +9,8 @@
         --define "em_lr1e-3=objective=em;lr=1e-3;params=decoder" --methods none,fastem,em_lr1e-3
     python benchmarks/wer_domains.py --profile full --device cuda --out out/wer_full
     torchrun --nproc_per_node 4 benchmarks/wer_domains.py --profile dev --out out/wer_dev
+    python benchmarks/wer_domains.py --profile confirm --out out/confirm --batch-size 8
+    python benchmarks/wer_domains.py --profile confirm --model tiny.en --out out/confirm_tinyen --batch-size 8
     python benchmarks/wer_domains.py --list-domains
     python benchmarks/wer_domains.py --list-methods [--define ...]
 
@@ -23,6 +25,15 @@ Profiles (every knob can be overridden on the command line):
     screen  the dev domains x their first 3 utterances (39): a subset of dev's items, so screen rows
             are reused by a dev run in the same --out
     full    base (multilingual), all domains, 30 utterances each, 10 steps, 4 samples (GPU)
+    confirm the held-out CONFIRM protocol (run only after a recipe is chosen on DEV): base, the 27
+            confirm_* domains x 8 utterances = 216 (4 natural: non-native English, Kathleen, Czech,
+            Dutch; 9 CONFIRM noises x 5 / 0 dB and 5 CONFIRM rooms on Kathleen + speechocean762),
+            methods none, fastem, library defaults, read from the CONFIRM data set.  With an
+            English-only model (--model tiny.en) the Czech and Dutch domains are dropped (25 x 8 = 200),
+            as dev drops them
+
+Domains: 'all' is every DEV domain (never a CONFIRM one); 'confirm' is the 27 CONFIRM domains; names
+and patterns (noise_*, confirm_noise_*) may come from either registry, but one run reads one data set.
 
 Methods are named adaptation configs.  Built in: none (no adaptation), fastem (fastem.AdaptConfig's
 defaults: what the library does by default), entropy, pg, em, suta (objective=<name>).  Define more
@@ -42,7 +53,8 @@ results.md and summary.json ("paired") compare every adapted method with `none` 
 utterances: macro WER (mean of per-domain corpus WERs), its relative change with a 95% paired
 bootstrap CI (--bootstrap resamples of the utterances within each domain, --bootstrap-seed),
 utterances worse / better, % worse, per-domain changes and the worst domain.
-The data dir is --data, else $FASTEM_DATA, else <repo>/../shared/data.
+The data dir is --data, else for DEV domains $FASTEM_DATA, else <repo>/../shared/data, and for
+CONFIRM domains (and --profile confirm) $FASTEM_CONFIRM_DATA, else <repo>/../shared/confirm.
 """
 from __future__ import annotations
 
@@ -57,7 +69,7 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from harness.domains import DOMAINS, resolve_domains  # noqa: E402
+from harness.domains import CONFIRM_DOMAINS, DOMAINS, resolve_domains  # noqa: E402
 from harness.runner import PROFILES, RunConfig, parse_definition, run  # noqa: E402
 
 
@@ -76,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     p.add_argument("--out", default=None, help="output dir (default out/wer_<profile>)")
-    p.add_argument("--data", default=None, help="data dir (default $FASTEM_DATA or <repo>/../shared/data)")
+    p.add_argument("--data", default=None,
+                   help="data dir (default: DEV domains $FASTEM_DATA or <repo>/../shared/data; CONFIRM domains "
+                        "$FASTEM_CONFIRM_DATA or <repo>/../shared/confirm)")
     p.add_argument("--model", default=None, help="e.g. tiny.en, base, or a hub id")
     p.add_argument("--domains", type=_csv, default=None,
-                   help="comma-separated names or patterns (noise_*), or 'all'")
+                   help="comma-separated names or patterns (noise_*, confirm_*), 'all' (DEV) or 'confirm'")
     p.add_argument("--utts-per-domain", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=None, help="skip longer utterances (<=0: no limit)")
     p.add_argument("--methods", type=_csv, default=None,
@@ -150,6 +164,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg.progress = not args.no_progress
     cfg.figure = not args.no_figure
     resolve_domains(cfg.domains)  # fail early on a typo
+    try:
+        cfg.data_set()  # ... or on DEV and CONFIRM domains in one run
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     try:  # ... in a method name or a definition
         for m in cfg.methods:
             cfg.method_overrides(m)
@@ -163,8 +181,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_domains:
-        for name, d in DOMAINS.items():
-            print(f"{name:20s} {d.language}  {d.kind:8s} {'+'.join(d.corpora):40s} {d.description}")
+        for name, d in {**DOMAINS, **CONFIRM_DOMAINS}.items():
+            print(f"{name:26s} {d.data:7s} {d.language}  {d.kind:8s} {'+'.join(d.corpora):40s} {d.description}")
         return 0
     cfg = config_from_args(args)
     if args.list_methods:

@@ -1,6 +1,7 @@
 """Evaluation data for the domain benchmark: manifests, utterance records, audio reading.
 
-The data directory (``--data``; default ``$FASTEM_DATA`` or ``<repo>/../shared/data``) holds::
+The data directory (``--data``; default ``$FASTEM_DATA`` or ``<repo>/../shared/data`` for the DEV set,
+``$FASTEM_CONFIRM_DATA`` or ``<repo>/../shared/confirm`` for the held-out CONFIRM set) holds::
 
     speech/<corpus>/manifest.tsv   id  path  text  lang  speaker  duration_s
     speech/<corpus>/<utt>.flac     16 kHz mono
@@ -35,6 +36,7 @@ __all__ = [
     "SAMPLE_RATE",
     "Utterance",
     "Resource",
+    "DATA_DIRS",
     "default_data_dir",
     "list_corpora",
     "load_manifest",
@@ -58,12 +60,21 @@ def base_language(lang: str) -> str:
     return lang.split("-")[0].split("_")[0].strip().lower()
 
 
-def default_data_dir() -> Path:
-    env = os.environ.get("FASTEM_DATA")
+#: data set -> (environment variable, folder under <repo>/../shared) of its default directory
+DATA_DIRS = {"dev": ("FASTEM_DATA", "data"), "confirm": ("FASTEM_CONFIRM_DATA", "confirm")}
+
+
+def default_data_dir(data: str = "dev") -> Path:
+    """The default directory of a data set: ``"dev"``: ``$FASTEM_DATA``, else ``<repo>/../shared/data``;
+    ``"confirm"`` (held out): ``$FASTEM_CONFIRM_DATA``, else ``<repo>/../shared/confirm``."""
+    if data not in DATA_DIRS:
+        raise ValueError(f"unknown data set {data!r}; known: {', '.join(DATA_DIRS)}")
+    env_name, folder = DATA_DIRS[data]
+    env = os.environ.get(env_name)
     if env:
         return Path(env)
     repo = Path(__file__).resolve().parents[2]
-    return repo.parent / "shared" / "data"
+    return repo.parent / "shared" / folder
 
 
 @dataclass(frozen=True)
@@ -237,30 +248,39 @@ def _synth_speechlike(n: int, seed: int) -> np.ndarray:
 
 
 def write_synthetic_dataset(root: str | os.PathLike, *, utts_per_corpus: int = 3,
-                            corpora: dict[str, str] | None = None) -> Path:
+                            corpora: dict[str, str] | None = None, data: str = "dev") -> Path:
     """Write a small fake data dir (same layout and manifest format as shared/data) under ``root``.
 
-    ``corpora`` maps corpus name -> manifest ``lang`` (default: every corpus the domain registry
-    uses).  Audio is synthetic (tones, Gaussian noise, a decaying-noise RIR); only for tests.
+    ``data="dev"``: DEV's corpora, noise and rir ids; ``data="confirm"``: CONFIRM's (the ids of
+    ``harness.domains.CONFIRM_NOISES`` / ``CONFIRM_RIRS``, with CONFIRM's three short noises as short as
+    theirs, 0.35-0.76 s; other utterance ids and audio than the DEV set).  ``corpora`` maps corpus name ->
+    manifest ``lang`` (default: every corpus the data set's domains use).  Audio is synthetic (tones, Gaussian
+    noise, a decaying-noise RIR); only for tests.
     """
     import soundfile as sf
 
+    if data not in DATA_DIRS:
+        raise ValueError(f"unknown data set {data!r}; known: {', '.join(DATA_DIRS)}")
     root = Path(root)
     if corpora is None:
-        corpora = {"librispeech": "en", "kathleen": "en", "ljspeech": "en", "jfk": "en",
-                   "speechocean762": "en-L2(zh)", "fillets_cs": "cs", "fillets_nl": "nl"}
+        corpora = ({"librispeech": "en", "kathleen": "en", "ljspeech": "en", "jfk": "en",
+                    "speechocean762": "en-L2(zh)", "fillets_cs": "cs", "fillets_nl": "nl"} if data == "dev" else
+                   {"kathleen": "en", "speechocean762": "en-L2(zh)", "fillets_cs": "cs", "fillets_nl": "nl"})
     for c_i, (corpus, lang) in enumerate(sorted(corpora.items())):
         d = root / "speech" / corpus
         d.mkdir(parents=True, exist_ok=True)
         lines = ["id\tpath\ttext\tlang\tspeaker\tduration_s"]
         for i in range(utts_per_corpus):
-            uid = f"{corpus}_{i:03d}"
+            uid = f"{corpus}_{i:03d}" if data == "dev" else f"{corpus}_c{i:03d}"
             n = int(SAMPLE_RATE * (1.0 + 0.25 * ((c_i + i) % 4)))
-            sf.write(str(d / f"{uid}.flac"), _synth_speechlike(n, stable_seed(corpus, i)), SAMPLE_RATE,
-                     subtype="PCM_16")
+            seed = stable_seed(corpus, i) if data == "dev" else stable_seed(data, corpus, i)
+            sf.write(str(d / f"{uid}.flac"), _synth_speechlike(n, seed), SAMPLE_RATE, subtype="PCM_16")
             words = " ".join(_SYNTH_WORDS[(c_i * 7 + i * 3 + k) % len(_SYNTH_WORDS)] for k in range(3 + i % 3))
             lines.append(f"{uid}\t{uid}.flac\t{words.capitalize()}.\t{lang}\tspk{i % 2}\t{n / SAMPLE_RATE:.3f}")
         (d / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if data == "confirm":
+        _write_synthetic_confirm_resources(root)
+        return root
 
     rng = np.random.default_rng(1234)
     nd = root / "noise"
@@ -292,3 +312,41 @@ def write_synthetic_dataset(root: str | os.PathLike, *, utts_per_corpus: int = 3
         lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{h.size / SAMPLE_RATE:.3f}")
     (rd / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+#: seconds of the CONFIRM noises that are shorter than most utterances (the others are written 6 s long)
+_CONFIRM_SHORT_NOISES = {"am_friction1": 0.348, "am_130921_laptopmic-dell_tap_channel0_chunk204_aug3": 0.617,
+                         "am_130921_iPhone_rub_channel0_chunk83_aug2": 0.756}
+
+
+def _write_synthetic_confirm_resources(root: Path) -> None:
+    """Noise and rir folders with CONFIRM's ids (harness.domains.CONFIRM_NOISES / CONFIRM_RIRS), synthetic audio."""
+    import soundfile as sf
+
+    from .domains import CONFIRM_NOISES, CONFIRM_RIRS  # a function-level import: domains imports this module
+
+    rng = np.random.default_rng(4321)
+    nd = root / "noise"
+    nd.mkdir(parents=True, exist_ok=True)
+    lines = ["id\tpath\tsource\tlicense\tduration_s"]
+    for name in CONFIRM_NOISES.values():
+        n = int(round(SAMPLE_RATE * _CONFIRM_SHORT_NOISES.get(name, 6.0)))
+        t = np.arange(n) / SAMPLE_RATE
+        x = rng.standard_normal(n) * (0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(0.5, 3) * t))
+        x = (0.5 * x / np.max(np.abs(x))).astype(np.float32)
+        sf.write(str(nd / f"{name}.flac"), x, SAMPLE_RATE, subtype="PCM_16")
+        lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{n / SAMPLE_RATE:.3f}")
+    (nd / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    rd = root / "rir"
+    rd.mkdir(parents=True, exist_ok=True)
+    lines = ["id\tpath\tsource\tlicense\tduration_s"]
+    for k, name in enumerate(CONFIRM_RIRS.values()):
+        t60, pre = 0.2 + 0.3 * k, 10 + 60 * k
+        n = int(SAMPLE_RATE * t60 * 1.2)
+        h = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / (SAMPLE_RATE * t60))
+        h = np.concatenate([np.zeros(pre), [1.0], 0.3 * h])
+        h = (0.9 * h / np.max(np.abs(h))).astype(np.float32)
+        sf.write(str(rd / f"{name}.flac"), h, SAMPLE_RATE, subtype="PCM_16")
+        lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{h.size / SAMPLE_RATE:.3f}")
+    (rd / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")

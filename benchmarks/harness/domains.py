@@ -25,6 +25,20 @@ Domain families (see :data:`DOMAINS` for the full list, ``python benchmarks/wer_
 
 All corruptions use the same clean English source pool (LibriSpeech + Kathleen + LJSpeech + JFK)
 and the same utterance selection, so corrupted domains are paired with the ``clean`` domain.
+
+CONFIRM domains (:data:`CONFIRM_DOMAINS`, names ``confirm_*``): a held-out protocol on the CONFIRM data
+(``<repo>/../shared/confirm``, ``$FASTEM_CONFIRM_DATA``), which shares no speech, noise or room with DEV.
+They are fixed here before their first run, and are not part of :data:`DOMAINS` (the DEV registry: ``"all"``
+and every DEV profile stay as they were); :func:`get_domain` and :func:`resolve_domains` know both.  27:
+
+* 4 natural domains on unmodified audio: ``confirm_nonnative_en`` (speechocean762, Mandarin-L1 English),
+  ``confirm_kathleen`` (US English), ``confirm_czech`` (fillets_cs), ``confirm_dutch`` (fillets_nl);
+* each of the 9 CONFIRM noises (:data:`CONFIRM_NOISES`) at 5 and 0 dB SNR (18 domains,
+  ``confirm_noise_<short>_<snr>db``) and each of the 5 CONFIRM rooms (:data:`CONFIRM_RIRS`, 5 domains,
+  ``confirm_reverb_<short>``), with exactly the DEV noise / reverb transforms, on the English pool
+  :data:`CONFIRM_POOL` (Kathleen and speechocean762 interleaved, language ``en``).  Noises shorter than the
+  utterance (three CONFIRM noises last 0.35-0.76 s) are looped from the random offset (the code DEV uses;
+  DEV's noises are all longer than its utterances, so none of them was ever looped).
 """
 from __future__ import annotations
 
@@ -40,6 +54,7 @@ import numpy as np
 import torch
 
 from .data import (
+    DATA_DIRS,
     SAMPLE_RATE,
     Utterance,
     load_resources,
@@ -52,10 +67,17 @@ from .data import (
 __all__ = [
     "Domain",
     "DOMAINS",
+    "CONFIRM_DOMAINS",
     "CLEAN_POOL",
+    "CONFIRM_POOL",
     "NOISES",
     "RIRS",
     "NOISE_SNRS",
+    "CONFIRM_NOISES",
+    "CONFIRM_RIRS",
+    "CONFIRM_NOISE_SNRS",
+    "DATA_SETS",
+    "get_domain",
     "resolve_domains",
     "domain_audio",
     "measure_snr",
@@ -71,6 +93,30 @@ NOISES = {  # short name -> id in noise/manifest.tsv
 }
 RIRS = {"clap": "rir_clap", "hall": "openair_medium_hall"}
 NOISE_SNRS = (10, 5, 0)
+
+#: The data sets a domain can read from (see :func:`harness.data.default_data_dir`).
+DATA_SETS = tuple(DATA_DIRS)
+#: CONFIRM's English pool: every confirm noise / reverb domain draws these, interleaved (Kathleen first).
+CONFIRM_POOL = ("kathleen", "speechocean762")
+CONFIRM_NOISES = {  # short name -> id in <confirm>/noise/manifest.tsv
+    "rub": "am_130921_iPhone_rub_channel0_chunk83_aug2",          # 0.76 s, rubbing a phone (audiomentations)
+    "tapping": "am_130921_laptopmic-dell_tap_channel0_chunk204_aug3",  # 0.62 s, tapping a laptop
+    "friction": "am_friction1",                                  # 0.35 s, friction
+    "sheep": "am_sheep",                                         # 13.2 s, sheep (background noise)
+    "carhorn": "esc50_2-100648-A-43",                            # 5 s, ESC-50 class 43 (car horn)
+    "thunder": "esc50_4-156993-A-19",                            # 5 s, ESC-50 class 19 (thunderstorm)
+    "sb1": "sb_noise1",                                          # 33.1 s, speechbrain test noise 1
+    "sb3": "sb_noise3",                                          # 8.4 s, speechbrain test noise 3
+    "sb5": "sb_noise5",                                          # 13.7 s, speechbrain test noise 5
+}
+CONFIRM_RIRS = {  # short name -> id in <confirm>/rir/manifest.tsv
+    "hall": "openair_large_hall",        # OpenAIR "Terry's Typing Room" (large_hall.wav)
+    "sb1": "sb_rir1",                    # speechbrain test RIR 1
+    "sb3": "sb_rir3",                    # speechbrain test RIR 3
+    "am0": "am_impulse_response_0",      # audiomentations demo/ir impulse_response_0
+    "amstereo": "am_stereo_impulse_response",  # audiomentations demo/ir stereo IR (first channel)
+}
+CONFIRM_NOISE_SNRS = (5, 0)
 PEAK_LIMIT = 0.99  # mixtures louder than this are scaled down to it
 
 
@@ -87,6 +133,8 @@ class Domain:
     ``spec``: a stable text that identifies the transform and its parameters (part of the result key,
     so changing a domain's definition invalidates its cached results).
     ``resources``: ``("noise", id)`` / ``("rir", id)`` files the transform reads.
+    ``data``: the data set the domain reads (``"dev"`` or ``"confirm"``, :data:`DATA_SETS`); not part of
+    ``spec`` (DEV row hashes predate it; CONFIRM domains have names and resources of their own).
     """
     name: str
     corpora: tuple[str, ...]
@@ -98,6 +146,7 @@ class Domain:
     resources: tuple[tuple[str, str], ...] = ()
     changes_length: bool = False
     utterance_filter: Callable[[Utterance], bool] | None = field(default=None, compare=False)
+    data: str = "dev"
 
     def utterances(self, data_dir: str | os.PathLike, n: int | None = None, *,
                    max_seconds: float | None = None) -> list[Utterance]:
@@ -130,7 +179,7 @@ class Domain:
 
 def domain_audio(domain: str | Domain, utt: Utterance, *, seed: int = 0,
                  data_dir: str | os.PathLike | None = None) -> torch.Tensor:
-    d = DOMAINS[domain] if isinstance(domain, str) else domain
+    d = get_domain(domain) if isinstance(domain, str) else domain
     return d.load(utt, seed=seed, data_dir=data_dir)
 
 
@@ -171,7 +220,9 @@ def _rms_match(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _noise_segment(noise: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
-    """``n`` samples of ``noise`` from a random offset (wrapping around if it is shorter)."""
+    """``n`` samples of ``noise`` from a random offset.  A noise at least ``n`` long is cut at an offset in
+    ``[0, m - n]``; a shorter one (e.g. a 0.35 s clip under 5 s of speech) is looped: it starts at an offset
+    in ``[0, m)`` and repeats end to start (no cross-fade) until ``n`` samples are filled."""
     m = noise.numel()
     if m == 0:
         return torch.zeros(n, dtype=torch.float64)
@@ -314,9 +365,55 @@ def _build_registry() -> dict[str, Domain]:
 DOMAINS: dict[str, Domain] = _build_registry()
 
 
+def _build_confirm_registry() -> dict[str, Domain]:
+    """The 27 CONFIRM domains (held out: defined before their first run; see the module docstring)."""
+    doms: list[Domain] = [
+        Domain("confirm_nonnative_en", ("speechocean762",), "en", "natural",
+               "CONFIRM speechocean762 (test-split speakers): Mandarin-L1 children and adults reading English",
+               "identity", data="confirm"),
+        Domain("confirm_kathleen", ("kathleen",), "en", "natural",
+               "CONFIRM Kathleen: ARCTIC prompts not in DEV, one US female voice", "identity", data="confirm"),
+        Domain("confirm_czech", ("fillets_cs",), "cs", "natural",
+               "CONFIRM Czech acted game voice lines (Fish Fillets NG) not in DEV", "identity", data="confirm"),
+        Domain("confirm_dutch", ("fillets_nl",), "nl", "natural",
+               "CONFIRM Dutch acted game voice lines (Fish Fillets NG) not in DEV", "identity", data="confirm"),
+    ]
+    for short, noise_id in CONFIRM_NOISES.items():
+        for snr in CONFIRM_NOISE_SNRS:
+            doms.append(Domain(
+                f"confirm_noise_{short}_{snr}db", CONFIRM_POOL, "en", "noise",
+                f"CONFIRM {noise_id} noise added at {snr} dB SNR (Kathleen + speechocean762)",
+                f"add_noise(noise={noise_id},snr_db={snr},offset=rng)",
+                make_noise_transform(noise_id, snr), resources=(("noise", noise_id),), data="confirm"))
+    for short, rir_id in CONFIRM_RIRS.items():
+        doms.append(Domain(
+            f"confirm_reverb_{short}", CONFIRM_POOL, "en", "reverb",
+            f"CONFIRM: convolved with the {rir_id} room impulse response (Kathleen + speechocean762)",
+            f"fftconvolve(rir={rir_id},unit_energy,direct_path_aligned,rms_match)",
+            make_reverb_transform(rir_id), resources=(("rir", rir_id),), data="confirm"))
+    return {d.name: d for d in doms}
+
+
+#: The held-out CONFIRM registry (27 domains, data set ``"confirm"``); not in ``"all"``.
+CONFIRM_DOMAINS: dict[str, Domain] = _build_confirm_registry()
+_REGISTRY: dict[str, Domain] = {**DOMAINS, **CONFIRM_DOMAINS}
+if len(_REGISTRY) != len(DOMAINS) + len(CONFIRM_DOMAINS):
+    raise RuntimeError("a CONFIRM domain reuses a DEV domain's name")
+
+
+def get_domain(name: str) -> Domain:
+    """A DEV or CONFIRM domain by name (``KeyError`` if neither registry has it)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown domain {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
 def resolve_domains(spec: str | Sequence[str] | None) -> list[str]:
-    """Domain names from ``"all"``, a comma-separated list, or shell-style patterns (``noise_*``),
-    in registry order (duplicates removed).  Unknown names raise ``KeyError``."""
+    """Domain names from ``"all"`` (every DEV domain, never a CONFIRM one), ``"confirm"`` (the 27 CONFIRM
+    domains), a comma-separated list, or shell-style patterns (``noise_*``, ``confirm_noise_*``; matched
+    against both registries), in registry order (DEV, then CONFIRM; duplicates removed).  Unknown names raise
+    ``KeyError``."""
     if spec is None:
         return list(DOMAINS)
     items: Iterable[str] = spec.split(",") if isinstance(spec, str) else spec
@@ -327,18 +424,20 @@ def resolve_domains(spec: str | Sequence[str] | None) -> list[str]:
             continue
         if item == "all":
             matches = list(DOMAINS)
+        elif item == "confirm":
+            matches = list(CONFIRM_DOMAINS)
         elif any(ch in item for ch in "*?["):
-            matches = [n for n in DOMAINS if fnmatch.fnmatchcase(n, item)]
+            matches = [n for n in _REGISTRY if fnmatch.fnmatchcase(n, item)]
             if not matches:
                 raise KeyError(f"no domain matches {item!r}")
-        elif item in DOMAINS:
+        elif item in _REGISTRY:
             matches = [item]
         else:
-            raise KeyError(f"unknown domain {item!r}; known: {', '.join(DOMAINS)}")
+            raise KeyError(f"unknown domain {item!r}; known: {', '.join(_REGISTRY)}")
         for m in matches:
             if m not in wanted:
                 wanted.append(m)
-    order = {n: i for i, n in enumerate(DOMAINS)}
+    order = {n: i for i, n in enumerate(_REGISTRY)}
     return sorted(wanted, key=order.__getitem__)
 
 

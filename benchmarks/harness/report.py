@@ -571,7 +571,7 @@ def _meta_markdown(meta: dict) -> str:
     keys = ["model", "profile", "device", "world_size", "utts_per_domain", "steps", "lr", "num_samples",
             "params", "temperature", "seed", "data_seed", "max_seconds", "adapt_options", "definitions",
             "method_overrides", "adapt_config", "batch_size", "skipped_domains", "items", "missing_rows", "errors",
-            "run_seconds", "data_dir"]
+            "run_seconds", "data", "data_dir"]
     lines = ["| setting | value |", "|---|---|"]
     for k in keys:
         if k in meta and meta[k] not in (None, [], {}) and not (k in ("missing_rows", "errors") and meta[k] == 0):

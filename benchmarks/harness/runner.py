@@ -18,7 +18,13 @@ method that has no row yet:
   ``time_none=True``, which also checks that it equals ``text_before``).
 
 An adapted row also records ``changed`` (text != text_before) and ``guard`` (``AdaptResult.guard``: the
-guard that rejected the adaptation, None when accepted or when the package has no guards).
+guard that rejected the adaptation, None when accepted or when the package has no guards), and, when the
+library reports them, ``verdicts`` (``AdaptResult.verdicts``: every check's reason, or None when it passed;
+evidence only, in no hash).
+
+A run reads one data set (:meth:`RunConfig.data_set`): DEV (``<repo>/../shared/data``, ``$FASTEM_DATA``), or
+the held-out CONFIRM set (``<repo>/../shared/confirm``, ``$FASTEM_CONFIRM_DATA``) for the ``confirm_*``
+domains and the ``confirm`` profile; ``data_dir`` (``--data``) overrides either.
 
 With ``batch_size > 1`` and an engine that has ``adapt_batch(audios, languages, overrides)``, up to
 ``batch_size`` consecutive items of this rank's shard are adapted by one call per method; the rows are
@@ -55,14 +61,16 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import report as _report
-from .data import SAMPLE_RATE, Utterance, default_data_dir
-from .domains import DOMAINS, Domain, resolve_domains
+from .data import SAMPLE_RATE, Utterance, default_data_dir, load_resources
+from .domains import CONFIRM_DOMAINS, DATA_SETS, Domain, get_domain, resolve_domains
 
 __all__ = [
     "BENCH_VERSION",
     "BUILTIN_METHODS",
     "DEV_DOMAINS",
     "DEV_METHODS",
+    "CONFIRM_DOMAIN_NAMES",
+    "CONFIRM_METHODS",
     "PROFILES",
     "parse_definition",
     "resolved_adapt_config",
@@ -102,6 +110,10 @@ DEV_METHODS = ["none", "fastem", "entropy", "pg", "suta", "em"]
 DEV_DOMAINS = ["clean_ljspeech", "nonnative_en", "czech", "dutch", "noise_dishes_5db", "noise_dishes_0db",
                "noise_bike_5db", "noise_tap_0db", "noise_white_5db", "noise_pink_0db", "reverb_clap", "reverb_hall",
                "telephone"]
+# The held-out CONFIRM protocol (harness.domains.CONFIRM_DOMAINS, data set "confirm"): its 27 domains, and the
+# methods it confirms (the library's default against the unadapted model).  Fixed before its first run.
+CONFIRM_DOMAIN_NAMES = list(CONFIRM_DOMAINS)
+CONFIRM_METHODS = ["none", "fastem"]
 
 # Profiles: every field can be overridden from the command line.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -122,6 +134,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Screening: the first 3 utterances of each dev domain (a subset of dev's items and rows, same hashes).
     "screen": dict(model="base", domains=list(DEV_DOMAINS), utts_per_domain=3, methods=list(DEV_METHODS),
                    steps=None, num_samples=None, max_seconds=None),
+    # CONFIRM (held out; run only after a recipe is chosen on DEV): base, the 27 CONFIRM domains x 8 utterances
+    # (216), `none` and the library's default, on the CONFIRM data set (<repo>/../shared/confirm,
+    # $FASTEM_CONFIRM_DATA; --data wins).  With an English-only model (--model tiny.en) the runner drops the
+    # Czech and Dutch domains, as for dev: 25 domains, 200 utterances.
+    "confirm": dict(model="base", domains=list(CONFIRM_DOMAIN_NAMES), utts_per_domain=8, methods=list(CONFIRM_METHODS),
+                    steps=None, num_samples=None, max_seconds=None, data="confirm"),
 }
 
 
@@ -179,7 +197,8 @@ class RunConfig:
     max_new_tokens: int | None = None
     adapt_options: dict[str, Any] = field(default_factory=dict)  # any other AdaptConfig field
     # Data.
-    data_dir: str | None = None
+    data: str | None = None  # the data set, "dev" | "confirm" (DATA_SETS); None: the one the selected domains read
+    data_dir: str | None = None  # None: the data set's default directory (harness.data.default_data_dir)
     data_seed: int = 0  # seeds the corruptions (noise offsets); independent of the adaptation seed
     max_seconds: float | None = None  # skip longer utterances (selection stays deterministic)
     # Execution.
@@ -237,8 +256,32 @@ class RunConfig:
     def domain_names(self) -> list[str]:
         return resolve_domains(self.domains)
 
+    def data_set(self) -> str:
+        """The data set of the run: every selected domain must read the same one (``Domain.data``), and
+        ``data`` (a profile's, e.g. ``confirm``), when set, must be that one.  No domains: ``data`` or "dev"."""
+        if self.data is not None and self.data not in DATA_SETS:
+            raise ValueError(f"unknown data set {self.data!r}; known: {', '.join(DATA_SETS)}")
+        by_set: dict[str, list[str]] = {}
+        for name in self.domain_names():
+            by_set.setdefault(get_domain(name).data, []).append(name)
+        if len(by_set) > 1:
+            parts = "; ".join(f"{k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in by_set.items())
+            raise ValueError(f"the domains read different data sets ({parts}); a run reads one data set: run them "
+                             f"separately")
+        if by_set:
+            (inferred,) = by_set
+            if self.data is not None and self.data != inferred:
+                raise ValueError(f"profile {self.profile!r} reads the {self.data!r} data set, but the domains "
+                                 f"{', '.join(by_set[inferred][:3])} read {inferred!r}")
+            return inferred
+        return self.data or "dev"
+
     def resolved_data_dir(self) -> Path:
-        return Path(self.data_dir) if self.data_dir else default_data_dir()
+        """``data_dir`` (``--data``) if set, else the data set's default (:func:`harness.data.default_data_dir`:
+        ``$FASTEM_DATA`` or ``<repo>/../shared/data`` for DEV, ``$FASTEM_CONFIRM_DATA`` or
+        ``<repo>/../shared/confirm`` for CONFIRM)."""
+        data = self.data_set()  # checks the domains' data sets even when --data is given
+        return Path(self.data_dir) if self.data_dir else default_data_dir(data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,7 +305,7 @@ def work_items(domains: Sequence[str], data_dir: str | os.PathLike, utts_per_dom
     """The global, deterministic (domain, utterance) list; identical on every rank."""
     items: list[WorkItem] = []
     for name in domains:
-        dom = DOMAINS[name]
+        dom = get_domain(name)
         for pos, utt in enumerate(dom.utterances(data_dir, utts_per_domain, max_seconds=max_seconds)):
             items.append(WorkItem(len(items), name, utt, pos))
     return items
@@ -344,6 +387,9 @@ class AdaptOutput:
     scores: dict = field(default_factory=dict)  # AdaptResult.scores: what the guards looked at
     tokens_before: list[int] | None = None  # token ids of text_before / text_adapted, so that the guards
     tokens_adapted: list[int] | None = None  # can be re-decided offline exactly (benchmarks/guard_sweep.py)
+    # AdaptResult.verdicts: every check's verdict, {check name: reason it fired, or None when it passed};
+    # None when the library does not report them (rows then have no "verdicts" key)
+    verdicts: dict[str, str | None] | None = None
 
 
 def _output(res, wall: float, batch_items: int = 1) -> AdaptOutput:
@@ -359,7 +405,15 @@ def _output(res, wall: float, batch_items: int = 1) -> AdaptOutput:
                        text_adapted=getattr(res, "text_adapted", None), guard_reason=getattr(res, "guard_reason", None),
                        scores=dict(getattr(res, "scores", None) or {}),
                        tokens_before=_ids(getattr(res, "tokens_before", None)),
-                       tokens_adapted=_ids(getattr(res, "tokens_adapted", None)))
+                       tokens_adapted=_ids(getattr(res, "tokens_adapted", None)),
+                       verdicts=_verdicts(getattr(res, "verdicts", None)))
+
+
+def _verdicts(verdicts) -> dict[str, str | None] | None:
+    """``AdaptResult.verdicts`` as JSON: ``{check name (str): reason (str) or None}``; None if absent."""
+    if verdicts is None:
+        return None
+    return {str(k): (None if v is None else str(v)) for k, v in dict(verdicts).items()}
 
 
 def _ids(tokens) -> list[int] | None:
@@ -593,6 +647,20 @@ class _Unit:
     before: str | None = None
 
 
+def _check_data_dir(domain_names: Sequence[str], data_set: str, data_dir: Path) -> None:
+    """Fail early when ``data_dir`` lacks a noise / rir a domain reads, or is the other data set's default
+    directory (CONFIRM's natural domains would otherwise read DEV's corpora of the same name, or vice versa)."""
+    for other in DATA_SETS:
+        if other != data_set and data_dir.resolve() == default_data_dir(other).resolve():
+            raise ValueError(f"the domains read the {data_set!r} data set, but the data dir {data_dir} is the "
+                             f"{other!r} set's (pass the {data_set!r} set's directory with --data)")
+    for name in domain_names:
+        for kind, rid in get_domain(name).resources:
+            if not (data_dir / kind / "manifest.tsv").is_file() or rid not in load_resources(data_dir, kind):
+                raise FileNotFoundError(f"domain {name!r} reads {kind} {rid!r}, which {data_dir / kind / 'manifest.tsv'} "
+                                        f"does not list: is {data_dir} the {data_set!r} data set?")
+
+
 def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | None:
     """Run (or resume) the benchmark; returns the summary on rank 0 (None on other ranks).
 
@@ -608,11 +676,14 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
         raise ValueError(f"unknown methods {bad}; known: {', '.join(table)} (add one with --define NAME=key=value;...)")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
+    data_set = cfg.data_set()
     data_dir = cfg.resolved_data_dir()
     if not (data_dir / "speech").is_dir():
-        raise FileNotFoundError(f"no data at {data_dir} (expected speech/<corpus>/manifest.tsv): pass --data DIR "
-                                f"or set FASTEM_DATA")
+        env = "FASTEM_CONFIRM_DATA" if data_set == "confirm" else "FASTEM_DATA"
+        raise FileNotFoundError(f"no {data_set} data at {data_dir} (expected speech/<corpus>/manifest.tsv): pass "
+                                f"--data DIR or set {env}")
     domain_names = cfg.domain_names()
+    _check_data_dir(domain_names, data_set, data_dir)
     adapted = [m for m in methods if m != "none"]
     overrides = {m: cfg.method_overrides(m) for m in adapted}
     adapt_cfgs = {m: resolved_adapt_config(overrides[m]) for m in adapted}
@@ -627,7 +698,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
 
         skipped = []
         if getattr(engine, "english_only", False):
-            skipped = [d for d in domain_names if DOMAINS[d].language != "en"]
+            skipped = [d for d in domain_names if get_domain(d).language != "en"]
             if skipped and info.is_main:
                 _log(f"model {model_name} is English-only: skipping non-English domains {skipped}")
             domain_names = [d for d in domain_names if d not in skipped]
@@ -635,7 +706,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
         items = work_items(domain_names, data_dir, cfg.utts_per_domain, max_seconds=cfg.max_seconds)
         mine = shard(items, info.rank, info.world_size)
 
-        hashes = {(d, m): config_hash(m, DOMAINS[d], cfg.data_seed, adapt_cfgs.get(m), cfg.max_new_tokens)
+        hashes = {(d, m): config_hash(m, get_domain(d), cfg.data_seed, adapt_cfgs.get(m), cfg.max_new_tokens)
                   for d in domain_names for m in methods}
 
         shard_dir = out / "shards"
@@ -699,13 +770,15 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
                    "tokens_per_s": (res.sample_tokens / res.sample_seconds
                                     if res.sample_tokens is not None and res.sample_seconds else None),
                    "batch_items": res.batch_items, "adapt": adapt_cfgs[m], **_history_summary(res.history)}
+            if res.verdicts is not None:  # every check's verdict (evidence only: in no hash or key)
+                row["verdicts"] = res.verdicts
             _append_row(my_file, row)
             new_rows.append(row)
 
         for c0 in range(0, len(todo), batch_size):
             units = []
             for it, pending in todo[c0:c0 + batch_size]:
-                dom = DOMAINS[it.domain]
+                dom = get_domain(it.domain)
                 audio = dom.load(it.utt, seed=cfg.data_seed, data_dir=data_dir)
                 base = {
                     "model": model_name, "domain": it.domain, "domain_kind": dom.kind, "utt_id": it.utt_id,
@@ -797,7 +870,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
         meta = {
-            "model": model_name, "profile": cfg.profile, "engine": cfg.engine, "device": device,
+            "model": model_name, "profile": cfg.profile, "data": data_set, "engine": cfg.engine, "device": device,
             "world_size": info.world_size, "domains": domain_names, "skipped_domains": skipped,
             "utts_per_domain": cfg.utts_per_domain, "methods": methods,
             "steps": cfg.steps, "lr": cfg.lr, "num_samples": cfg.num_samples, "params": cfg.params,
