@@ -29,18 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.report import paired_comparison, score  # noqa: E402
+from harness.report import score  # noqa: E402
+from harness.rerun import add_rerun_args, paired_line, pending_none_rows  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("rows")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out", required=True)
+    add_rerun_args(ap)
     ap.add_argument("--beams", type=int, default=5)
-    ap.add_argument("--data", "--data-dir", dest="data", default=None,
-                    help="data dir of the rows' audio (default: per row, its domain's data set's default directory)")
-    ap.add_argument("--limit", type=int, default=None, help="transcribe at most this many new utterances")
     ap.add_argument("--compare", default="fastem")
     args = ap.parse_args(argv)
 
@@ -49,21 +45,12 @@ def main(argv=None) -> int:
     import fastem
     from benchmarks.guard_sweep import _audio
 
-    rows = [json.loads(line) for line in open(args.rows) if line.strip()]
-    todo = [r for r in rows if r["method"] == "none" and r["model"] == args.model]
+    rows, todo = pending_none_rows(args)
     out = Path(args.out)
-    done = {(r["domain"], r["utt_id"]) for r in map(json.loads, open(out))} if out.exists() else set()
     model, processor = fastem.load_whisper(args.model)
     kw = {"task": "transcribe"} if model.generation_config.is_multilingual else {}
-    new = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), open(out, "a") as f:
         for r in todo:
-            if (r["domain"], r["utt_id"]) in done:
-                continue
-            if args.limit is not None and new >= args.limit:
-                break
-            new += 1
             feats = processor.feature_extractor(_audio(r, args.data).numpy(), sampling_rate=16000,
                                                 return_tensors="pt").input_features
             start = time.perf_counter()
@@ -84,11 +71,9 @@ def main(argv=None) -> int:
               "ref_words": g["ref_words"]} for method, key in (("none", "errors_greedy"), ("beam", "errors_beam"))
              for g in got] + [r for r in rows if r["method"] == args.compare]
     for method in ("beam", args.compare):
-        p = paired_comparison(table, method)  # against greedy, on the utterances both have
-        if p is not None:
-            print(f"{method}: macro WER {p['wer']:.2%} vs greedy {p['wer_baseline']:.2%} ({p['rel_change']:+.1%}, "
-                  f"95% CI [{p['ci_low']:+.1%}, {p['ci_high']:+.1%}]); worse / better {p['worse']} / {p['better']} "
-                  f"of {p['items']}")
+        line = paired_line(table, method, "none")  # against greedy, on the utterances both have
+        if line is not None:
+            print(line)
     return 0
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastem import AdaptConfig, guards  # noqa: E402
+from fastem import AdaptConfig, judge  # noqa: E402
 from harness.report import score  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
     if min_entropy > 0 and s["entropy_before"] < min_entropy:
         return before
     exact = row.get("tokens_before") is not None and row.get("tokens_adapted") is not None
-    ev = guards.Evidence(text_before=before, text_after=after,
+    ev = judge.Evidence(text_before=before, text_after=after,
                          tokens_before=row["tokens_before"] if exact else before.split(),
                          tokens_after=row["tokens_adapted"] if exact else after.split(), seconds=row["seconds"],
                          source_logp_before=s.get("source_before"), source_logp_after=s.get("source_after"),
@@ -80,7 +80,7 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
     names = ("empty", "non_speech", "repetition") + (("length",) if max_ratio else ()) + (
         ("confidence",) if max_drop is not None else ()) + (("consensus",) if consensus is not None else ()) + (
         ("verifier",) if verifier_drop is not None else ()) + (("likelihood",) if seq_drop is not None else ())
-    return before if guards.check(ev, names) else after
+    return before if judge.check(ev, names) else after
 
 
 def _audio(r: dict, data_dir: str | None = None):
@@ -133,8 +133,8 @@ def score_verifier(rows: list[dict], raw: list[dict], data_dir: str, name: str) 
             continue
         vote = verifier_scores(model, processor, [_audio(r, data_dir)], [[row["before"], row["adapted"]]],
                                [row["language"]])[0]
-        if vote is not None:
-            row["scores"] = {**row["scores"], "verifier_before": vote[0], "verifier_after": vote[1]}
+        if "verifier_before" in vote:
+            row["scores"] = {**row["scores"], **vote}
             done += 1
     return done
 

@@ -2,12 +2,17 @@
 
     import fastem
     model, processor = fastem.load_whisper("base")
-    result = fastem.adapt(model, "clip.flac")          # episodic: the model is restored afterwards
+    result = fastem.adapt(model, "clip.flac")          # the model is restored afterwards
     print(result.text_before, "->", result.text)
+
+    with fastem.Adapter(model, processor) as adapter:  # continual: keeps adapting over a stream
+        for clip in stream:
+            print(adapter.adapt(clip).text)
 """
 from . import ops
-from .adapt import AdaptConfig, AdaptResult, adapt, adapt_batch, transcribe, transcribe_batch
+from .adapt import adapt, adapt_batch, transcribe, transcribe_batch
 from .adapter import Adapter
+from .config import AdaptConfig, AdaptResult
 from .objective import em_loss
 
 __version__ = "0.1.0"

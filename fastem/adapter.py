@@ -1,16 +1,17 @@
 """``fastem.Adapter``: continual adaptation over a stream of utterances, with a safety reset.
 
-The same loop as :func:`fastem.adapt` (``B = 1``), keeping the adapted parameters and the optimizer
-state from one call to the next: a stream from one microphone, room or speaker is one domain, and
+The same front door and pipeline as :func:`fastem.adapt` (a recording over 30 s is cut into windows,
+each window one pass with ``B = 1``), keeping the adapted parameters and the optimizer state from one
+window to the next: a stream from one microphone, room or speaker is one domain, and
 what was learnt on one utterance helps the next.  Entropy minimization run for long can drift into
 collapse (confident repetition, empty output), so each call is checked against the **source** model
 (its unadapted transcript, ``text_before``, is the source model's, however much the adapter has learnt;
 judged against the adapter's own drifted transcript, the guards would never see the drift):
 
-* a call whose adapted transcript a guard rejects returns the source model's transcript and is
-  **rolled back** (parameters and optimizer state as they were before the call; with
-  ``rollback=False`` what the call learnt is kept, only its transcript is refused);
-* after ``reset_after`` rejected calls in a row, or when any value becomes non-finite, the adapter
+* a window whose adapted transcript a guard rejects returns the source model's transcript and is
+  **rolled back** (parameters and optimizer state as they were before the window; with
+  ``rollback=False`` what it learnt is kept, only its transcript is refused);
+* after ``reset_after`` rejected windows in a row, or when any value becomes non-finite, the adapter
   **resets** to the source weights with a fresh optimizer (``resets`` counts them).
 
 With LayerNorm parameter sets the adapted values live in the adapter (the user's model is never
@@ -24,7 +25,9 @@ import dataclasses
 
 import torch
 
-from .adapt import AdaptConfig, AdaptResult, _Exclusive, _make_optimizer, _prepare, _run, _silent_result, _State
+from .adapt import _Exclusive, _prepare_inputs, _run, _run_recordings
+from .config import AdaptConfig, AdaptResult
+from .loop import State, make_optimizer
 from .params import Binding, ModelSnapshot, select_parameters
 
 __all__ = ["Adapter"]
@@ -40,8 +43,7 @@ class Adapter:
 
     def __init__(self, model, processor=None, config: AdaptConfig | None = None, *, reset_after: int = 2,
                  rollback: bool = True, **overrides):
-        cfg = dataclasses.replace(config or AdaptConfig(), **overrides)
-        self.config = dataclasses.replace(cfg, episodic=False)
+        self.config = dataclasses.replace(config or AdaptConfig(), **overrides)
         if reset_after < 1:
             raise ValueError(f"reset_after must be >= 1, got {reset_after!r}")
         self.model = model
@@ -54,7 +56,7 @@ class Adapter:
         self.rollbacks = 0
         self.calls = 0
         self._rejected_in_a_row = 0
-        self._state: _State | None = None
+        self._state: State | None = None
         self._closed = False
         self.reset(count=False)
 
@@ -64,8 +66,8 @@ class Adapter:
         self._check_open()
         self.snapshot.restore()
         binding = Binding(self.model, self.named, 1)
-        self._state = _State(binding=binding, optimizer=_make_optimizer(self.config, binding.tensors),
-                             source=self.snapshot if binding.direct else None)
+        self._state = State(binding=binding, optimizer=make_optimizer(self.config, binding.tensors),
+                            source=self.snapshot if binding.direct else None)
         self._rejected_in_a_row = 0
         if count:
             self.resets += 1
@@ -113,34 +115,35 @@ class Adapter:
 
     # -- use ---------------------------------------------------------------------------------------
     def adapt(self, audio, *, sampling_rate: int | None = 16000, language: str | None = None) -> AdaptResult:
-        """Adapt on one more utterance of the stream and return its transcripts (see :class:`AdaptResult`)."""
+        """Adapt on one more utterance (or recording) of the stream and return its transcripts (see
+        :class:`fastem.AdaptResult`); a recording over 30 s is adapted window by window, in order."""
         self._check_open()
-        from .audio import is_silent
-
         with _Exclusive(self.model):
-            processor, waves, languages = _prepare(self.model, self.processor, [audio], sampling_rate, language)
+            processor, waves, languages = _prepare_inputs(self.model, self.processor, [audio], sampling_rate, language)
             self.processor = processor
-            if is_silent(waves[0]):
-                return _silent_result(languages[0])
-            saved = self._save()
-            try:
-                result = _run(self.model, processor, waves, languages, self.config, self._state)[0]
-            except BaseException:
+            return _run_recordings(self.model, processor, waves, languages, self.config, 1, run=self._window)[0]
+
+    def _window(self, model, processor, waves, languages, cfg) -> list[AdaptResult]:
+        """One window through the pipeline with this adapter's state, then rollback and reset as the judge says."""
+        saved = self._save()
+        try:
+            result = _run(model, processor, waves, languages, cfg, self._state)[0]
+        except BaseException:
+            self._rollback(saved)
+            raise
+        self.calls += 1
+        skipped = any(h.get("skipped") for h in result.history)
+        if result.guard is not None or skipped:
+            if self.rollback or skipped:
                 self._rollback(saved)
-                raise
-            self.calls += 1
-            skipped = any(h.get("skipped") for h in result.history)
-            if result.guard is not None or skipped:
-                if self.rollback or skipped:
-                    self._rollback(saved)
-                    self.rollbacks += 1
-                self._rejected_in_a_row += 1
-            else:
-                self._rejected_in_a_row = 0
-            if self._rejected_in_a_row >= self.reset_after or skipped or not self._finite():
-                self.reset()
-                result.scores["reset"] = True
-            return result
+                self.rollbacks += 1
+            self._rejected_in_a_row += 1
+        else:
+            self._rejected_in_a_row = 0
+        if self._rejected_in_a_row >= self.reset_after or skipped or not self._finite():
+            self.reset()
+            result.scores["reset"] = True
+        return [result]
 
     def close(self) -> None:
         """Put the model back exactly as it was when the adapter was made."""

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .adapt import AdaptConfig
-from .guards import GUARDS
+from .config import AdaptConfig
+from .judge import GUARDS
 from .objective import OBJECTIVES
 
 __all__ = ["main", "build_parser"]
@@ -36,7 +36,7 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--max-seq-logp-drop", type=_optional_float, default=d.max_seq_logp_drop, metavar="NATS",
                    help="the likelihood guard: keep the unadapted transcript when the unadapted model finds the "
                         f"adapted one, as a whole, more than NATS less likely than its own (default "
-                        f"{d.max_seq_logp_drop:g}; 'none': off; 0: the strictest)")
+                        f"{d.max_seq_logp_drop:g}; 'none': the guard off; 0: the strictest)")
     p.add_argument("--verifier", type=_optional_name, default=d.verifier, metavar="MODEL",
                    help="a second checkpoint (tiny.en, base, a hub id or a directory) that votes on each changed "
                         "transcript: the unadapted one is kept when it finds the adapted one less likely "
@@ -46,6 +46,12 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--guards", type=_guard_names, default=d.guards, metavar="NAMES",
                    help=f"comma-separated guards that may reject the adapted transcript, 'none' for none "
                         f"(default {','.join(d.guards)}; known: {','.join(GUARDS)})")
+    for name, what in (("compression-ratio-threshold", "a transcript compressing more than this is a loop"),
+                       ("logprob-threshold", "a transcript with a lower average log-prob per token is unlikely"),
+                       ("no-speech-threshold", "above this no-speech probability, an unlikely transcript is silence")):
+        default = getattr(d, name.replace("-", "_"))
+        p.add_argument(f"--{name}", type=_optional_float, default=default, metavar="X",
+                       help=f"Whisper's decoding rule: {what} (default {default:g}; 'none': off)")
 
 
 def _optional_float(text: str) -> float | None:
@@ -103,12 +109,21 @@ def _references(args) -> dict[str, str]:
     return refs
 
 
+def _decode_rules(args) -> dict:
+    return {"compression_ratio_threshold": args.compression_ratio_threshold,
+            "logprob_threshold": args.logprob_threshold, "no_speech_threshold": args.no_speech_threshold}
+
+
 def _config(args) -> AdaptConfig:
+    """``--max-seq-logp-drop none`` and ``--verifier none`` leave their guard out of ``guards``."""
+    off = {"likelihood"} if args.max_seq_logp_drop is None else set()
+    off |= {"verifier"} if args.verifier is None else set()
+    d = AdaptConfig()
     return AdaptConfig(steps=args.steps, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
-                       params=args.params, seed=args.seed, min_entropy=args.min_entropy, guards=args.guards,
-                       max_logp_drop=args.max_logp_drop, max_seq_logp_drop=args.max_seq_logp_drop,
-                       verifier=args.verifier,
-                       max_verifier_drop=args.max_verifier_drop)
+                       params=args.params, seed=args.seed, min_entropy=args.min_entropy,
+                       guards=tuple(g for g in args.guards if g not in off), max_logp_drop=args.max_logp_drop,
+                       max_seq_logp_drop=d.max_seq_logp_drop if args.max_seq_logp_drop is None else args.max_seq_logp_drop,
+                       verifier=args.verifier, max_verifier_drop=args.max_verifier_drop, **_decode_rules(args))
 
 
 def _load(args):
@@ -147,7 +162,8 @@ def cmd_transcribe(args) -> int:
         if args.adapt:
             return adapt_batch(model, waves, processor=processor, language=args.language, config=cfg,
                                sampling_rate=SAMPLE_RATE, batch_size=size)
-        return transcribe_batch(model, waves, processor=processor, language=args.language, sampling_rate=SAMPLE_RATE)
+        return transcribe_batch(model, waves, processor=processor, language=args.language, sampling_rate=SAMPLE_RATE,
+                                **_decode_rules(args))
 
     for lo in range(0, len(args.audio), size):
         t0 = time.perf_counter()

@@ -5,7 +5,8 @@ import time
 
 import torch
 
-from .adapt import AdaptConfig, adapt
+from .adapt import adapt
+from .config import AdaptConfig
 
 __all__ = ["noisy_sample", "run_demo"]
 

@@ -69,6 +69,7 @@ class Hypotheses:
     groups: list[int]
     seconds: float = 0.0
     entropy: torch.Tensor | None = None
+    no_speech: list[float] | None = None  # per utterance, when decode was asked for it
 
     def mean_entropy(self) -> list[float]:
         """Greedy decoding: each utterance's mean next-token entropy (nats) along its first row."""
@@ -227,12 +228,18 @@ def _sample(probs: torch.Tensor, owner: torch.Tensor, live: torch.Tensor, k: int
 def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1, greedy: bool = False,
            temperature: float = 1.0, max_new_tokens: int | list[int] = 128,
            generators: list[torch.Generator | None] | None = None, over: LayerNormOverrides | None = None,
-           head: Head | None = None) -> Hypotheses:
+           head: Head | None = None, over_rows: list[int] | None = None, no_speech_id: int | None = None,
+           model_logp: bool = False) -> Hypotheses:
     """Draw ``num_samples`` continuations of each utterance's prompt (or its greedy one).
 
     ``cross``: the utterances' cross-attention keys/values (``B`` rows); ``max_new_tokens``: one cap
     for all or one per utterance; ``generators``: one per utterance (``None`` entries use torch's
-    global generator).
+    global generator).  ``over_rows[b]``: the row of the per-utterance LayerNorm tables ``over`` that
+    utterance ``b`` of this call uses (default ``b``: decode a subset of a batch with its own rows).
+    ``no_speech_id``: record each utterance's probability of that token right after the start token
+    (Whisper's no-speech probability, ``Hypotheses.no_speech``).  ``model_logp``: ``logp`` holds each
+    drawn token's log-prob under the model's own distribution (temperature 1), as Whisper's
+    average log-prob counts it, instead of the distribution it was drawn from.
     """
     if temperature <= 0 and not greedy:
         raise ValueError("temperature must be > 0 for sampling (use greedy=True for argmax decoding)")
@@ -253,12 +260,18 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
     groups = [k] * n
     rows = n * k
     owner = _row_owner(groups, device)
+    ln_owner = owner if over_rows is None else torch.tensor(over_rows, device=device)[owner]
     limit_row = torch.tensor(limits, device=device).repeat_interleave(k)
     steps = max(limits)
     eos = prompts[0].eos_id
     cache = SelfKV(model, rows, plen + steps, device=device, dtype=cross.keys[0].dtype)
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(k, 0)
-    hidden = decoder_forward(model, prompt_ids, cross, groups, cache=cache, over=over, rows=owner)[:, -1]
+    prompt_hidden = decoder_forward(model, prompt_ids, cross, groups, cache=cache, over=over, rows=ln_owner)
+    hidden = prompt_hidden[:, -1]
+    no_speech = None
+    if no_speech_id is not None:  # after the start token, on the raw logits (as Whisper computes it)
+        first = torch.arange(n, device=device) * k
+        no_speech = torch.softmax(head.logits(prompt_hidden[first, 0]), dim=-1)[:, no_speech_id].tolist()
     first_bias, bias = prompts[0].biases(head.vocab_size, device)
     tokens = torch.full((rows, steps), eos, dtype=torch.long, device=device)
     logps = torch.zeros((rows, steps), device=device)
@@ -274,6 +287,8 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
         else:
             log_probs = torch.log_softmax(logits / temperature, dim=-1)
             nxt = _sample(log_probs.exp(), owner[live], live, k, generators)
+            if model_logp and temperature != 1.0:
+                log_probs = torch.log_softmax(logits, dim=-1)
         tokens[live, t] = nxt
         logps[live, t] = log_probs.gather(1, nxt.unsqueeze(1)).squeeze(1)
         ended = (nxt == eos) | (limit_row[live] <= t + 1)
@@ -286,10 +301,11 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
             live, nxt = live[keep], nxt[keep]
         live_groups = torch.bincount(owner[live], minlength=n).tolist()
         hidden = decoder_forward(model, nxt.unsqueeze(1), cross, live_groups, cache=cache, over=over,
-                                 rows=owner[live])[:, -1]
+                                 rows=ln_owner[live])[:, -1]
     used = int(lengths.max())
     return Hypotheses(tokens=tokens[:, :used].clone(), lengths=lengths, logp=logps[:, :used].clone(), groups=groups,
-                      seconds=time.perf_counter() - t0, entropy=entropy[:, :used].clone() if greedy else None)
+                      seconds=time.perf_counter() - t0, entropy=entropy[:, :used].clone() if greedy else None,
+                      no_speech=no_speech)
 
 
 def teacher_forced_hidden(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *,

@@ -112,6 +112,13 @@ class CrossKV:
     def detach(self) -> "CrossKV":
         return CrossKV([k.detach() for k in self.keys], [v.detach() for v in self.values])
 
+    def select(self, index: list[int]) -> "CrossKV":
+        """The keys/values of utterances ``index`` (all of them, in order: this object)."""
+        if list(index) == list(range(self.keys[0].shape[0])):
+            return self
+        sel = torch.tensor(index, device=self.keys[0].device, dtype=torch.long)
+        return CrossKV([k.index_select(0, sel) for k in self.keys], [v.index_select(0, sel) for v in self.values])
+
 
 def cross_kv(model, enc: torch.Tensor) -> CrossKV:
     """Project the encoder output ``[B, S, D]`` to each decoder layer's cross-attention keys/values."""

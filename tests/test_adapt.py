@@ -8,9 +8,13 @@ import torch
 
 import fastem
 from fastem import AdaptConfig
+from fastem import params as fparams
 from tiny_whisper import tiny_whisper
 
 adapt_module = importlib.import_module("fastem.adapt")  # the module; fastem.adapt is the function
+loop_module = importlib.import_module("fastem.loop")
+#: plain greedy decoding (Whisper's fallback off): a random model's transcripts always look unlikely
+PLAIN = dict(compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None)
 whisper_module = importlib.import_module("fastem.whisper")
 
 
@@ -100,7 +104,8 @@ def test_episodic_call_restores_everything(model, processor, params, monkeypatch
     assert_same_state(model, before)
 
 
-FAULT_POINTS = ["decode", "score", "em_loss", "cross_kv", "encoder_layers", "build_prompts"]
+FAULT_POINTS = ["loop.decode", "decoding.decode", "loop.score", "loop.em_loss", "loop.cross_kv", "loop.encoder_layers",
+                "adapt.build_prompts", "judge.evidence"]
 
 
 @pytest.mark.parametrize("target", FAULT_POINTS)
@@ -110,7 +115,9 @@ def test_failure_at_any_point_restores_the_model(model, processor, monkeypatch, 
     make_unusual_state(model)
     before = full_state(model)
     calls = {"n": 0}
-    real = getattr(adapt_module, target)
+    module_name, name = target.split(".")
+    module = importlib.import_module(f"fastem.{module_name}")
+    real = getattr(module, name)
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -118,12 +125,12 @@ def test_failure_at_any_point_restores_the_model(model, processor, monkeypatch, 
             raise error("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(adapt_module, target, flaky)
-    for params, episodic in (("all", True), ("all", False), ("layernorm", False)):
+    monkeypatch.setattr(module, name, flaky)
+    for params in ("all", "layernorm"):
         calls["n"] = 0
         try:
             fastem.adapt(model, speechlike(), processor=processor, language="en", steps=3, num_samples=2, lr=1e-2,
-                         params=params, episodic=episodic, max_new_tokens=6)
+                         params=params, max_new_tokens=6, min_entropy=0.0)
         except error:
             pass
         else:  # the target ran fewer times than `when`: nothing was injected
@@ -143,20 +150,20 @@ def test_failure_in_the_optimizer_step_restores_the_model(model, processor, monk
     for params in ("all", "layernorm"):
         with pytest.raises(RuntimeError, match="exploded"):
             fastem.adapt(model, speechlike(), processor=processor, language="en", steps=2, num_samples=2, lr=1e-2,
-                         params=params, episodic=False, max_new_tokens=6)
+                         params=params, max_new_tokens=6, min_entropy=0.0)
         assert_same_state(model, before)
 
 
 def test_non_finite_loss_skips_the_step_and_says_so(model, processor, monkeypatch):
     calls = {"n": 0}
-    real = adapt_module.em_loss
+    real = loop_module.em_loss
 
     def nan_on_second(*args, **kwargs):
         calls["n"] += 1
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(adapt_module, "em_loss", nan_on_second)
+    monkeypatch.setattr(loop_module, "em_loss", nan_on_second)
     before = full_state(model)
     result = fastem.adapt(model, speechlike(), processor=processor, language="en", steps=3, num_samples=2, lr=1e-2,
                           max_new_tokens=6)
@@ -164,14 +171,23 @@ def test_non_finite_loss_skips_the_step_and_says_so(model, processor, monkeypatc
     assert_same_state(model, before)
 
 
-def test_continual_mode_keeps_the_adapted_weights(model, processor):
+def test_continual_adaptation_is_the_adapter_and_episodic_false_says_so(model, processor):
+    before = full_state(model)
+    for call in (lambda: fastem.adapt(model, speechlike(), processor=processor, language="en", episodic=False),
+                 lambda: fastem.adapt_batch(model, [speechlike()], processor=processor, language="en", episodic=False),
+                 lambda: AdaptConfig(episodic=False)):
+        with pytest.raises(ValueError, match="fastem.Adapter"):
+            call()
+    assert_same_state(model, before)
     ln = model.model.decoder.layer_norm.weight
     start = ln.detach().clone()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    fastem.adapt(model, speechlike(), processor=processor, language="en", steps=2, num_samples=2, lr=1e-2,
-                 episodic=False, max_new_tokens=6)
-    assert not torch.equal(ln.detach(), start)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with fastem.Adapter(model, processor, params="decoder", steps=2, num_samples=2, lr=1e-2, max_new_tokens=6,
+                        min_entropy=0.0, guards=()) as adapter:
+        adapter.adapt(speechlike(), language="en")
+        assert not torch.equal(ln.detach(), start)  # a direct set adapts in place while the adapter is open
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert_same_state(model, before)
 
 
 def test_entropy_falls_over_ten_steps(model, processor):
@@ -210,10 +226,12 @@ def test_half_precision_model(processor, dtype):
                           lr=1e-2, max_new_tokens=6)
     assert all(math.isfinite(h["loss"]) for h in result.history)
     assert_same_state(model, before)
-    fastem.adapt(model, speechlike(), processor=processor, language="en", steps=2, num_samples=2, lr=1e-2,
-                 max_new_tokens=6, episodic=False)
-    assert model.model.decoder.layer_norm.weight.dtype == dtype
-    assert not torch.equal(model.model.decoder.layer_norm.weight, before["tensors"]["model.decoder.layer_norm.weight"])
+    with fastem.Adapter(model, processor, params="decoder", steps=2, num_samples=2, lr=1e-2, max_new_tokens=6,
+                        min_entropy=0.0, guards=()) as adapter:
+        adapter.adapt(speechlike(), language="en")
+        assert model.model.decoder.layer_norm.weight.dtype == dtype
+        assert not torch.equal(model.model.decoder.layer_norm.weight,
+                               before["tensors"]["model.decoder.layer_norm.weight"])
 
 
 def test_transcribe_equals_generate_and_the_unadapted_transcript(model, processor):
@@ -295,14 +313,15 @@ def test_two_threads_on_one_model_get_a_clear_error(model, processor, monkeypatc
     import threading
 
     entered, release = threading.Event(), threading.Event()
-    real = adapt_module.decode
+    decoding_module = importlib.import_module("fastem.decoding")
+    real = decoding_module.decode
 
     def slow_decode(*args, **kwargs):
         entered.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(adapt_module, "decode", slow_decode)
+    monkeypatch.setattr(decoding_module, "decode", slow_decode)
     errors = []
 
     def first():
@@ -353,13 +372,13 @@ def test_one_sgd_step_moves_the_weights_by_minus_lr_times_the_gradient(model, pr
     audio, lr, k = speechlike(seed=4), 0.05, 3
     params = [(n, p) for n, p in model.named_parameters() if ".decoder." in f".{n}" and "layer_norm" in n]
     start = {n: p.detach().clone() for n, p in params}
-    fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=k, lr=lr, optimizer="sgd",
-                 objective=objective, baseline=baseline, params="layernorm:decoder", episodic=False, seed=11,
-                 max_new_tokens=8, guards=())
-    moved = {n: p.detach().clone() - start[n] for n, p in params}
-    with torch.no_grad():
-        for n, p in params:
-            p.copy_(start[n])
+    with fastem.Adapter(model, processor, steps=1, num_samples=k, lr=lr, optimizer="sgd", objective=objective,
+                        baseline=baseline, params="layernorm:decoder", seed=11, max_new_tokens=8, guards=(),
+                        min_entropy=0.0) as adapter:
+        adapter.adapt(audio, language="en")
+        table = adapter._state.binding.over.table  # a continual adapter keeps its LayerNorm values itself
+        moved = {n: table[model.get_submodule(n.rsplit(".", 1)[0])][0 if n.endswith("weight") else 1][0].detach()
+                 - start[n] for n, p in params}
     # The same hypotheses: the same features, prompt, generator seed and sampler.
     feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
     with torch.no_grad():
@@ -397,7 +416,7 @@ def test_confident_utterances_are_not_adapted(model, processor):
     """``min_entropy``: an utterance whose unadapted transcript is surer than the gate is returned as
     transcribed, with no step taken; in a batch the others adapt exactly as they would alone."""
     audios = [speechlike(2.0, seed=0), speechlike(1.2, seed=1), speechlike(2.6, seed=2)]
-    kwargs = dict(processor=processor, language="en", steps=2, num_samples=2, lr=1e-2, seed=5)
+    kwargs = dict(processor=processor, language="en", steps=2, num_samples=2, lr=1e-2, seed=5, **PLAIN)
     free = fastem.adapt_batch(model, audios, **kwargs)
     ents = [r.scores["entropy_before"] for r in free]
     assert all(e > 0 for e in ents) and len(set(ents)) == 3
@@ -409,7 +428,7 @@ def test_confident_utterances_are_not_adapted(model, processor):
         if f.scores["entropy_before"] < gate:
             assert g.skipped == "confident" and g.history == [] and g.guard is None
             assert g.text == g.text_before == g.text_adapted == fastem.transcribe(model, audio, processor=processor,
-                                                                                  language="en")
+                                                                                  language="en", **PLAIN)
         else:
             assert g.skipped is None and len(g.history) == 2
             assert g.tokens == f.tokens and g.tokens_adapted == f.tokens_adapted
@@ -420,7 +439,7 @@ def test_confident_utterances_are_not_adapted(model, processor):
 
 
 def test_a_confident_call_in_a_stream_changes_nothing(model, processor):
-    with fastem.Adapter(model, processor, steps=2, num_samples=2, lr=1e-2, guards=()) as adapter:
+    with fastem.Adapter(model, processor, steps=2, num_samples=2, lr=1e-2, guards=(), **PLAIN) as adapter:
         adapter.adapt(speechlike(seed=0), language="en")
         learnt = adapter.state_dict()
         adapter.config = dataclasses.replace(adapter.config, min_entropy=1e9)
@@ -429,3 +448,20 @@ def test_a_confident_call_in_a_stream_changes_nothing(model, processor):
         now = adapter.state_dict()
         assert all(torch.equal(a, b) for a, b in zip(learnt["values"], now["values"]))
         assert now["steps_taken"] == learnt["steps_taken"]
+
+
+def test_the_convolutions_adapt_under_params_all(model, processor):
+    """params="all" selects the encoder's convolutions, and they get a gradient and move: the embedding runs
+    each step from the features (not once before the loop); the model is restored when the adapter closes."""
+    names = [n for n, _ in fparams.select_parameters(model, "all")]
+    assert any(".conv1." in n for n in names) and any(".conv2." in n for n in names)
+    before = full_state(model)
+    conv = model.model.encoder.conv1.weight
+    start = conv.detach().clone()
+    with fastem.Adapter(model, processor, params="all", steps=2, num_samples=2, lr=1e-2, max_new_tokens=6,
+                        min_entropy=0.0, guards=()) as adapter:
+        result = adapter.adapt(speechlike(), language="en")
+        assert not any(h["skipped"] for h in result.history)
+        assert not torch.equal(conv.detach(), start)
+        assert not torch.equal(model.model.encoder.conv2.weight.detach(), before["tensors"]["model.encoder.conv2.weight"])
+    assert_same_state(model, before)

@@ -78,8 +78,9 @@ def fake_model(monkeypatch):
         calls["load"] += 1
         return "model", "processor"
 
-    def transcribe_batch(model, audios, *, processor=None, sampling_rate=None, language=None):
+    def transcribe_batch(model, audios, *, processor=None, sampling_rate=None, language=None, **rules):
         assert (model, processor) == ("model", "processor")
+        calls.setdefault("rules", []).append(rules)
         for audio in audios:
             assert isinstance(audio, torch.Tensor) and audio.ndim == 1 and sampling_rate == 16000
         calls["transcribe"].extend(audios)
@@ -203,11 +204,20 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert main(["transcribe", files["good"], "--adapt", "--verifier", "tiny.en", "--max-verifier-drop", "0.2"]) == 0
     assert verifiers[-1] == ("tiny.en", 0.2) and verifiers[0] == ("auto", fastem.AdaptConfig().max_verifier_drop)
     assert main(["transcribe", files["good"], "--adapt", "--verifier", "none"]) == 0
-    assert verifiers[-1][0] is None
+    assert verifiers[-1][0] is None and "verifier" not in seen[-1]  # 'none' leaves the guard out
     assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "0"]) == 0
     assert seq_drops[-1] == 0.0 and seq_drops[0] == fastem.AdaptConfig().max_seq_logp_drop == 2.0
     assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "none"]) == 0
-    assert seq_drops[-1] is None
+    assert "likelihood" not in seen[-1] and "verifier" in seen[-1]
     with pytest.raises(SystemExit):
         main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
     assert "unknown guard(s) nonsense" in capsys.readouterr().err
+
+
+def test_decoding_rule_options_reach_transcribe(files, fake_model):
+    assert main(["transcribe", files["good"]]) == 0
+    assert fake_model["rules"][-1] == {"compression_ratio_threshold": 2.4, "logprob_threshold": -1.0,
+                                       "no_speech_threshold": 0.6}
+    assert main(["transcribe", files["good"], "--logprob-threshold", "none", "--no-speech-threshold", "0.8"]) == 0
+    assert fake_model["rules"][-1] == {"compression_ratio_threshold": 2.4, "logprob_threshold": None,
+                                       "no_speech_threshold": 0.8}

@@ -7,7 +7,8 @@ import torch
 
 import fastem
 from fastem import verifier as verifier_module
-from tiny_whisper import NO_TS, SOT, teacher_forced_mean_logp, tiny_whisper
+from fastem.decoding import Transcript
+from tiny_whisper import NO_TS, SOT, TRANSLATE, teacher_forced_mean_logp, tiny_whisper
 
 adapt_module = importlib.import_module("fastem.adapt")
 
@@ -29,21 +30,27 @@ def test_scores_are_the_verifiers_teacher_forced_log_probs(processor):
     g = torch.Generator().manual_seed(2)
     waves = [torch.randn(24000, generator=g) * 0.1, torch.randn(40000, generator=g) * 0.1]
     texts = [["the cat sat", "the cap sat on it"], ["hello", ""]]
-    out = verifier_module.verifier_scores(model, processor, waves, texts, ["en", "cs"])
     tok = processor.tokenizer
-    for b, lang_prompt in ((0, (SOT, 50259, 50359, NO_TS)), (1, (SOT, 50283, 50359, NO_TS))):
-        feats = _feats(processor, waves[b])
-        for got, text in zip(out[b], texts[b]):
-            ids = tok.encode(" " + text, add_special_tokens=False) if text else []
-            assert got == pytest.approx(teacher_forced_mean_logp(model, feats, ids, prompt=lang_prompt), abs=1e-4)
-    # An English-only verifier scores English after its short prompt, and abstains on Czech.
+    for task, task_id in (("transcribe", 50359), ("translate", TRANSLATE)):  # the call's task reaches the prompt
+        out = verifier_module.verifier_scores(model, processor, waves, texts, ["en", "cs"], task=task)
+        for b, lang in ((0, 50259), (1, 50283)):
+            feats = _feats(processor, waves[b])
+            for key, text in zip(("verifier_before", "verifier_after"), texts[b]):
+                ids = tok.encode(" " + text, add_special_tokens=False) if text else []
+                prompt = (SOT, lang, task_id, NO_TS)
+                assert out[b][key] == pytest.approx(teacher_forced_mean_logp(model, feats, ids, prompt=prompt), abs=1e-4)
+    # An English-only verifier scores English after its short prompt, and abstains on Czech and on a translation.
     en_only = _english_only(model)
     out = verifier_module.verifier_scores(en_only, processor, waves, texts, ["en", "cs"])
-    assert out[1] is None
+    assert "English-only" in out[1]["verifier_abstained"]
     ids = tok.encode(" the cat sat", add_special_tokens=False)
-    assert out[0][0] == pytest.approx(teacher_forced_mean_logp(en_only, _feats(processor, waves[0]), ids,
-                                                               prompt=(SOT, NO_TS)), abs=1e-4)
-    assert verifier_module.verifier_scores(model, processor, waves, texts, [None, None]) == [None, None]
+    assert out[0]["verifier_before"] == pytest.approx(
+        teacher_forced_mean_logp(en_only, _feats(processor, waves[0]), ids, prompt=(SOT, NO_TS)), abs=1e-4)
+    assert "task" in verifier_module.verifier_scores(en_only, processor, waves[:1], texts[:1], ["en"],
+                                                     task="translate")[0]["verifier_abstained"]
+    unknown = verifier_module.verifier_scores(model, processor, waves, texts, [None, "yue"])
+    assert unknown[0] == {"verifier_abstained": "language unknown"}
+    assert "does not know language 'yue'" in unknown[1]["verifier_abstained"]  # abstains instead of raising
 
 
 def test_the_verifier_votes_in_the_loop(processor, monkeypatch):
@@ -53,18 +60,12 @@ def test_the_verifier_votes_in_the_loop(processor, monkeypatch):
     loaded = []
     monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: loaded.append(name) or (judge, processor))
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
-    real, calls = adapt_module._texts, {"n": 0}
-
-    def changed(processor_, prompts, hyps):  # make sure the adapted transcript differs from the unadapted one
-        calls["n"] += 1
-        out = real(processor_, prompts, hyps)
-        return [("hello world", [23748, 1002])] * len(out) if calls["n"] % 2 == 0 else out
-
-    monkeypatch.setattr(adapt_module, "_texts", changed)
+    _force_change(monkeypatch)
     kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
-              guards=("verifier",), verifier="judge-checkpoint", max_seq_logp_drop=None)
+              guards=("verifier",), verifier="judge-checkpoint")
     loose = fastem.adapt(model, audio, max_verifier_drop=100.0, **kw)
     assert loaded == ["judge-checkpoint"] and loose.guard is None and loose.text == "hello world"
+    assert loose.scores["verifier"] == "judge-checkpoint" and loose.verdicts == {"verifier": None}
     feats = _feats(processor, audio)
     tok = processor.tokenizer
     for key, text in (("verifier_before", loose.text_before), ("verifier_after", loose.text_adapted)):
@@ -74,18 +75,56 @@ def test_the_verifier_votes_in_the_loop(processor, monkeypatch):
     strict = fastem.adapt(model, audio, max_verifier_drop=0.0, **kw)
     assert (strict.guard == "verifier") == (drop > 0)
     assert strict.text == (loose.text_before if drop > 0 else "hello world")
-    plain = fastem.adapt(model, audio, **{**kw, "verifier": None})
+    plain = fastem.adapt(model, audio, **{**kw, "verifier": None, "guards": ()})
     assert "verifier_before" not in plain.scores and plain.guard is None
 
 
-def test_a_bad_verifier_fails_before_the_model_is_touched(processor, tmp_path):
+def _force_change(monkeypatch, text="hello world", ids=(23748, 1002)):
+    """Make every adapted transcript differ from the unadapted one (the second decode of each call)."""
+    real, calls = adapt_module.transcripts, {"n": 0}
+
+    def changed(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return [Transcript(text, list(ids), -0.5)] * len(out) if calls["n"] % 2 == 0 else out
+
+    monkeypatch.setattr(adapt_module, "transcripts", changed)
+
+
+def test_the_verifier_is_loaded_only_when_a_transcript_changed(processor, monkeypatch):
+    """Loaded lazily: a call whose transcripts stay the same (or that adapts nothing) never loads it; the
+    call's task reaches it; clear() releases what was loaded."""
+    model = tiny_whisper()
+    loaded, tasks = [], []
+    monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: loaded.append(name) or (model, processor))
+    real_scores = verifier_module.verifier_scores
+    monkeypatch.setattr(verifier_module, "verifier_scores",
+                        lambda *a, task="transcribe": tasks.append(task) or real_scores(*a, task=task))
+    audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
+    kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
+              guards=("verifier",), verifier="judge-checkpoint")
+    same = fastem.adapt(model, audio, lr=1e-9, **kw)  # a step too small to change the transcript
+    assert same.tokens_adapted == same.tokens_before and loaded == [] and "verifier" not in same.scores
+    gated = fastem.adapt(model, audio, **{**kw, "min_entropy": 1e9, "logprob_threshold": None})
+    assert gated.skipped == "confident" and loaded == []
+    _force_change(monkeypatch)
+    fastem.adapt(model, audio, task="translate", **kw)
+    assert loaded == ["judge-checkpoint"] and tasks == ["translate"]
+    verifier_module._LOADED[("x", "cpu")] = (model, processor)
+    verifier_module.clear()
+    assert verifier_module._LOADED == {}
+
+
+def test_a_bad_verifier_fails_without_changing_the_model(processor, tmp_path, monkeypatch):
     model = tiny_whisper()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     audio = torch.randn(16000, generator=torch.Generator().manual_seed(0)) * 0.1
-    with pytest.raises(Exception):
-        fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=4,
-                     min_entropy=0.0, episodic=False, verifier=str(tmp_path / "no-such-checkpoint"))
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    _force_change(monkeypatch)
+    for params in ("layernorm", "all"):
+        with pytest.raises(Exception):
+            fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=4,
+                         min_entropy=0.0, params=params, verifier=str(tmp_path / "no-such-checkpoint"))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("bad", [dict(max_verifier_drop=-0.1), dict(max_verifier_drop=float("nan")),
@@ -134,6 +173,7 @@ def test_the_default_loads_the_auto_verifier_in_the_loop(processor, monkeypatch)
     loaded = []
     monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: loaded.append(name) or (judge, processor))
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
+    _force_change(monkeypatch)
     fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
                  min_entropy=0.0)
     assert loaded == ["base"]

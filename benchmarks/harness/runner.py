@@ -102,7 +102,7 @@ BUILTIN_METHODS: dict[str, dict[str, Any] | None] = {
     # 2.5, em_coef 0.5 with minimum class confusion, no guards, no verifier and no confidence gate (every
     # utterance adapts).
     "suta": {"objective": "suta", "params": "layernorm", "lr": 5e-4, "steps": 10, "temperature": 2.5,
-             "em_coef": 0.5, "guards": [], "min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None},
+             "em_coef": 0.5, "guards": [], "min_entropy": 0.0, "verifier": None},
 }
 DEV_METHODS = ["none", "fastem", "entropy", "pg", "suta", "em"]
 # The dev protocol's domains: clean US English, non-native English, real noise (dishes / bike / tap) at
@@ -354,13 +354,29 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_hash(method: str, domain: Domain, data_seed: int, adapt_cfg: dict | None,
-                max_new_tokens: int | None = None) -> str:
+                max_new_tokens: int | None = None, decode: dict | None = None) -> str:
+    """``decode``: for ``none``, the decoding rules of its transcript (Whisper's fallback and no-speech
+    thresholds, :func:`decode_settings`); rows written before the library had them carry none."""
     spec = {"bench": BENCH_VERSION, "method": method, "domain_spec": domain.spec, "data_seed": data_seed}
     if method == "none":
         spec["max_new_tokens"] = max_new_tokens
+        if decode is not None:
+            spec["decode"] = decode
     else:
         spec["adapt"] = adapt_cfg
     return _hash(spec)
+
+
+#: the library's decoding rules (AdaptConfig fields): part of the unadapted transcript's key
+DECODE_FIELDS = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
+
+
+def decode_settings(overrides: dict[str, Any]) -> dict | None:
+    """The decoding rules the unadapted transcripts of a run use (None: a library without them)."""
+    resolved = resolved_adapt_config(overrides)
+    if not all(k in resolved for k in DECODE_FIELDS):
+        return None
+    return {k: resolved[k] for k in DECODE_FIELDS}
 
 
 def row_key(row: dict) -> tuple:
@@ -706,7 +722,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
         items = work_items(domain_names, data_dir, cfg.utts_per_domain, max_seconds=cfg.max_seconds)
         mine = shard(items, info.rank, info.world_size)
 
-        hashes = {(d, m): config_hash(m, get_domain(d), cfg.data_seed, adapt_cfgs.get(m), cfg.max_new_tokens)
+        decode = decode_settings(cfg.adapt_overrides())
+        hashes = {(d, m): config_hash(m, get_domain(d), cfg.data_seed, adapt_cfgs.get(m), cfg.max_new_tokens, decode)
                   for d in domain_names for m in methods}
 
         shard_dir = out / "shards"

@@ -35,7 +35,7 @@ def test_gate_and_confidence_thresholds():
 
 
 def test_consensus_margin_matches_the_library_guard_at_zero():
-    from fastem import guards
+    from fastem import judge as guards
 
     row = _row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4], source_before=-0.4,
                source_after=-0.7, adapted_before=-0.5, adapted_after=-0.3)  # gain 0.2 < drop 0.3
@@ -75,7 +75,7 @@ def test_verifier_drop_re_decides_through_the_library_guard():
 
 
 def test_seq_drop_re_decides_on_whole_transcript_log_probs():
-    from fastem import guards
+    from fastem import judge as guards
 
     # mean -0.5 over 3 tokens + end of text = -2.0 in total; the adapted one: -0.45 over 5 + 1 = -2.7
     row = _row("a b c", "a b d e f", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4, 5, 6], source_before=-0.5,

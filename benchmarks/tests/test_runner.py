@@ -23,6 +23,7 @@ from harness.runner import (
     RunConfig,
     StubEngine,
     config_hash,
+    decode_settings,
     parse_definition,
     resolved_adapt_config,
     run,
@@ -360,19 +361,24 @@ def test_suta_is_ungated_and_its_rows_predate_the_gate():
     assert config_hash("suta", dom, 0, suta) != config_hash("suta", dom, 0, gated)
 
 
-def test_later_guards_off_leave_the_row_key_alone():
-    """``max_seq_logp_drop=None`` and ``verifier=None`` (with its threshold) are left out of the key, so rows
-    written before those settings existed stay valid under a definition that turns them off; set (as by
-    default), they count."""
-    off = {"max_seq_logp_drop": None, "verifier": None}
+def test_a_verifier_switched_off_leaves_the_row_key_alone():
+    """``verifier=None`` (with "verifier" out of ``guards``) is left out of the key with its threshold; the
+    library's decoding rules are part of every adapted key and of the unadapted transcript's
+    (``decode_settings``), so rows decoded before Whisper's rules existed are not taken for new ones."""
+    import fastem
+
+    off = {"guards": [g for g in fastem.AdaptConfig().guards if g != "verifier"], "verifier": None}
     old = resolved_adapt_config(off)
-    assert "max_seq_logp_drop" not in old and "verifier" not in old and "max_verifier_drop" not in old
+    assert "verifier" not in old and "max_verifier_drop" not in old
     assert resolved_adapt_config({**off, "max_verifier_drop": 0.3}) == old  # a threshold without its verifier
-    assert resolved_adapt_config({**off, "max_seq_logp_drop": 0.0})["max_seq_logp_drop"] == 0.0
-    with_verifier = resolved_adapt_config({**off, "verifier": "base"})
-    assert with_verifier["verifier"] == "base" and with_verifier["max_verifier_drop"] == 0.1
     default = resolved_adapt_config({})
-    assert default["verifier"] == "auto" and default["max_seq_logp_drop"] == 2.0
+    assert default["verifier"] == "auto" and default["max_seq_logp_drop"] == 2.0 and default["max_verifier_drop"] == 0.1
+    rules = decode_settings({})
+    assert rules == {"compression_ratio_threshold": 2.4, "logprob_threshold": -1.0, "no_speech_threshold": 0.6}
+    assert all(default[k] == v for k, v in rules.items())
+    dom = DOMAINS["clean"]
+    assert config_hash("none", dom, 0, None) != config_hash("none", dom, 0, None, None, rules)
+    assert decode_settings({"logprob_threshold": None})["logprob_threshold"] is None
 
 
 def test_changing_a_definition_reruns_only_that_method(synth, tmp_path):

@@ -1,23 +1,35 @@
-"""Guards: when the adapted transcript is not to be trusted, keep the unadapted one.
+"""The judge: every check that decides what a call returns, in one place.
 
-Entropy minimization can find shortcuts: a confident repetition loop, an empty transcript, a
-"[Music]" hallucination, words appended beyond the audio, or a fluent sentence the audio does not
-support.  Each guard is a small function of a :class:`Evidence` record (the unadapted and adapted
-transcripts and what the *source* model thinks of each) returning ``None`` when it passes or a short
-reason when it fires.  A guard only fires on a fault the adaptation introduced: if the unadapted
-transcript already has it, adapting did not cause it.
+Three kinds of check, each a small function of the evidence it names:
 
-:func:`check` runs the selected guards in order and returns the first that fires.
+* **The gate** (before adapting): an utterance the source model is already sure of is not adapted
+  (:func:`gate`: mean next-token entropy along its greedy transcript below ``min_entropy``), unless
+  its greedy transcript needed Whisper's fallback (a loop, or too unlikely: not confidence).  A window
+  that Whisper's no-speech rule calls silence is not adapted either (:mod:`fastem.decoding`).
+* **The guards** (after adapting): when the adapted transcript is not to be trusted, the unadapted one
+  is returned.  Entropy minimization can find shortcuts: a confident repetition loop, an empty
+  transcript, a "[Music]" hallucination, words appended beyond the audio, or a fluent sentence the
+  audio does not support.  Each guard is a function of an :class:`Evidence` record (the two transcripts
+  and what the source model, the adapted model and a second checkpoint think of each) returning
+  ``None`` when it passes or a short reason when it fires.  A guard only fires on a fault the
+  adaptation introduced: if the unadapted transcript already has it, adapting did not cause it.
+* **The verifier** (:mod:`fastem.verifier`), a second checkpoint's vote: loaded only when some
+  transcript changed, once per process (``fastem.verifier.clear()`` releases it).
+
+``AdaptConfig.guards`` names every guard that runs (``()``: none); the thresholds are the config's
+judge fields.  :func:`verdicts` evaluates every named guard (each one's verdict is kept in
+``AdaptResult.verdicts``); the first that fires, in ``guards`` order, decides.
 """
 from __future__ import annotations
 
 import re
-import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "check", "compression_ratio", "longest_repeat", "looping",
-           "sequence_logp", "SCORED"]
+from .decoding import compression_ratio
+
+__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "SCORED", "check", "compression_ratio", "evidence", "first_fired",
+           "gate", "longest_repeat", "looping", "sequence_logp", "verdicts"]
 
 
 @dataclass
@@ -46,12 +58,6 @@ class Evidence:
     verifier_logp_after: float | None = None
     max_verifier_drop: float = 0.1  # nats per token (the ``verifier`` guard)
     max_seq_logp_drop: float | None = None  # nats per transcript (the ``likelihood`` guard); None: off
-
-
-def compression_ratio(text: str) -> float:
-    """Bytes of ``text`` over bytes of its zlib compression (Whisper flags > 2.4 as a repetition loop)."""
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 def longest_repeat(tokens: list[int], max_n: int = 8) -> int:
@@ -178,9 +184,9 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "likelihood": likelihood,
     "verifier": verifier,
 }
-#: the guards named by default; :class:`fastem.AdaptConfig` adds ``likelihood`` and ``verifier`` through their
-#: settings (``max_seq_logp_drop``, ``verifier``: both on by default)
-DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus")
+#: every guard, in the order they are checked: the cheap textual ones first, then those that need the
+#: models' scores, then the second checkpoint's vote
+DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "likelihood", "verifier")
 #: the guards that judge by the source and the adapted model's scores of both transcripts (the loop computes
 #: them only when one of these is checked)
 SCORED = frozenset({"confidence", "consensus", "likelihood"})
@@ -188,10 +194,97 @@ SCORED = frozenset({"confidence", "consensus", "likelihood"})
 
 def check(ev: Evidence, names=DEFAULT_GUARDS) -> tuple[str, str] | None:
     """``(guard name, reason)`` of the first guard in ``names`` that fires, or ``None``."""
+    return first_fired(verdicts(ev, names), names)
+
+
+def verdicts(ev: Evidence, names=DEFAULT_GUARDS) -> dict[str, str | None]:
+    """Every guard in ``names``: its reason when it fires, else ``None``."""
+    out = {}
     for name in names:
         if name not in GUARDS:
             raise ValueError(f"unknown guard {name!r}; known: {sorted(GUARDS)}")
-        reason = GUARDS[name](ev)
-        if reason is not None:
-            return name, reason
+        out[name] = GUARDS[name](ev)
+    return out
+
+
+def first_fired(found: dict[str, str | None], names) -> tuple[str, str] | None:
+    """``(guard name, reason)`` of the first guard of ``names`` whose verdict in ``found`` is a reason."""
+    for name in names:
+        if found.get(name) is not None:
+            return name, found[name]
     return None
+
+
+def gate(entropy: float, needed_fallback: bool, min_entropy: float) -> str | None:
+    """Why an utterance is not adapted (``"confident"``: its greedy transcript's mean next-token entropy is
+    below ``min_entropy``), or ``None``: adapt it.  A greedy transcript that needed Whisper's fallback (a
+    loop, or too unlikely) is not confidence, whatever its entropy."""
+    if needed_fallback or entropy >= min_entropy:
+        return None
+    return "confident"
+
+
+def evidence(cfg, before, after, seconds: float, scores: dict) -> Evidence:
+    """The :class:`Evidence` of one utterance: its unadapted and adapted transcripts
+    (:class:`fastem.decoding.Transcript`), the scores the call gathered (``AdaptResult.scores``) and the
+    judge's thresholds of ``cfg`` (:class:`fastem.AdaptConfig`)."""
+    return Evidence(text_before=before.text, text_after=after.text, tokens_before=before.ids, tokens_after=after.ids,
+                    seconds=seconds, source_logp_before=scores.get("source_before"),
+                    source_logp_after=scores.get("source_after"), adapted_logp_before=scores.get("adapted_before"),
+                    adapted_logp_after=scores.get("adapted_after"), verifier_logp_before=scores.get("verifier_before"),
+                    verifier_logp_after=scores.get("verifier_after"), max_logp_drop=cfg.max_logp_drop,
+                    max_length_ratio=cfg.max_length_ratio, max_verifier_drop=cfg.max_verifier_drop,
+                    max_seq_logp_drop=cfg.max_seq_logp_drop)
+
+
+@dataclass
+class Case:
+    """One adapted utterance before the judge: its two transcripts (:class:`fastem.decoding.Transcript`),
+    its audio (16 kHz mono, for the verifier), language, length, and the call's scores for it (filled in)."""
+
+    before: object
+    after: object
+    wave: object
+    language: str | None
+    seconds: float
+    scores: dict
+
+
+def judge(cfg, model, cases: list[Case], score_both: Callable) -> list[tuple[dict, tuple[str, str] | None]]:
+    """Gather the evidence the guards of ``cfg.guards`` need and judge each case: ``(verdicts, fired)``.
+
+    ``score_both(pairs)`` gives, for ``[[ids before, ids after], ...]``, the source and the adapted model's
+    mean log-prob per token of each transcript (two lists of pairs); it is called only when a guard of
+    :data:`SCORED` runs.  The verifier is loaded only when a transcript changed and ``"verifier"`` runs."""
+    names = cfg.guards
+    if not names or not cases:
+        return [({}, None) for _ in cases]
+    if SCORED & set(names):
+        source, adapted = score_both([[c.before.ids, c.after.ids] for c in cases])
+        for c, (a, z), (a2, z2) in zip(cases, source, adapted):
+            c.scores.update(source_before=a, source_after=z, adapted_before=a2, adapted_after=z2)
+    changed = [c for c in cases if c.after.ids != c.before.ids]
+    if "verifier" in names and changed:
+        _vote(cfg, model, changed)
+    out = []
+    for c in cases:
+        found = verdicts(evidence(cfg, c.before, c.after, c.seconds, c.scores), names)
+        out.append((found, first_fired(found, names)))
+    return out
+
+
+def _vote(cfg, model, cases: list[Case]) -> None:
+    """The second checkpoint's scores of each changed transcript, into each case's scores."""
+    from .verifier import load_verifier, resolve_verifier, verifier_scores
+
+    name = resolve_verifier(cfg.verifier, model)
+    if name is None:
+        for c in cases:
+            c.scores["verifier_abstained"] = "no verifier for this model"
+        return
+    vmodel, vprocessor = load_verifier(name, next(model.parameters()).device)
+    votes = verifier_scores(vmodel, vprocessor, [c.wave for c in cases], [[c.before.text, c.after.text] for c in cases],
+                            [c.language for c in cases], task=cfg.task)
+    for c, vote in zip(cases, votes):
+        c.scores["verifier"] = name
+        c.scores.update(vote)

@@ -1,0 +1,225 @@
+"""What a call is asked to do (:class:`AdaptConfig`) and what it returns (:class:`AdaptResult`).
+
+Figures behind the defaults live in ``benchmarks/RESULTS.md``, which says which run chose each one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import judge as _judge
+from .decoding import DecodeRules
+from .objective import BASELINES, OBJECTIVES
+from .params import check_param_spec
+
+__all__ = ["AdaptConfig", "AdaptResult"]
+
+
+@dataclass
+class AdaptConfig:
+    """Settings of one adaptation call; every field is also a keyword of ``fastem.adapt``.
+
+    **What a user sets**
+
+    steps:          optimizer steps on each utterance (10); 0 transcribes without adapting.
+    lr:             AdamW learning rate (2e-3).
+    num_samples:    K hypotheses drawn per step (4).
+    params:         the parameters that adapt: "layernorm" (every LayerNorm, the default),
+                    "layernorm:decoder", "layernorm:encoder", "layernorm:topN", "decoder", "encoder",
+                    "all", or a callable ``(name, parameter) -> bool`` (:mod:`fastem.params`).
+    objective:      "em" (the exact sequence entropy, default), "entropy" (token entropy at fixed
+                    prefixes), "pg" (policy gradient with the sequence entropy as cost), "suta" (SUTA);
+                    see :mod:`fastem.objective`.
+    task:           "transcribe" or "translate" (multilingual checkpoints).
+    max_new_tokens: cap on generated tokens; None: 10 per second of audio + 20.
+    seed:           seeds the sampler: a call is reproducible on the same device.
+    episodic:       must be True: every call restores the model; continual adaptation is
+                    :class:`fastem.Adapter`.
+
+    **The judge** (:mod:`fastem.judge`): which utterances adapt and which adapted transcripts are kept
+
+    min_entropy:    the gate: an utterance whose greedy transcript has a mean next-token entropy below
+                    this (nats, 1.0) is not adapted (``result.skipped == "confident"``); 0 adapts all.
+    guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`;
+                    default all eight); when one fires the unadapted transcript is returned; ``()``: none.
+    max_logp_drop:  "confidence": most the source model's mean log-prob per token may fall (1.5 nats).
+    max_seq_logp_drop: "likelihood": most the source model's total log-prob of the transcript may fall (2.0).
+    max_length_ratio: "length": largest ratio of the two transcripts' token counts, either way (2.0).
+    verifier:       "verifier": the second checkpoint that votes ("auto": a bundled one other than the
+                    model, see :func:`fastem.verifier.resolve_verifier`; a bundled name, hub id or directory).
+    max_verifier_drop: "verifier": most the verifier's mean log-prob per token may fall (0.1 nats).
+
+    **Whisper's own decoding rules** (:mod:`fastem.decoding`; None switches one off)
+
+    compression_ratio_threshold: a transcript whose text compresses more than this (2.4) is a loop.
+    logprob_threshold: a transcript whose average log-prob per token is below this (-1.0) is unlikely;
+                    either decodes again by the temperature fallback.
+    no_speech_threshold: a window whose no-speech probability is above this (0.6) and whose transcript is
+                    unlikely is silence: empty, not adapted (``result.skipped == "no_speech"``).
+
+    **Research ablations** (the defaults are the method; change them to study it)
+
+    baseline:       "loo" (unbiased leave-one-out, default), "mean" or "none".
+    hypotheses:     "sample" (K samples), "greedy" (the greedy pseudo-label) or "auto": greedy for
+                    "entropy" and "suta", samples otherwise.
+    temperature:    divides the logits when sampling and scoring (1.0; for "suta" its entropy temperature).
+    reduction:      "sum" over tokens (the exact scale) or "mean" per token.
+    em_coef:        "suta" only: weight of the entropy term against minimum class confusion (0.5).
+    optimizer:      "adam" (AdamW) or "sgd".
+    weight_decay:   decoupled weight decay (AdamW) or L2 (SGD), 0.
+    backend:        token statistics: "auto" (Triton on CUDA, PyTorch elsewhere), "torch", "triton".
+    """
+
+    # what a user sets
+    steps: int = 10
+    lr: float = 2e-3
+    num_samples: int = 4
+    params: Any = "layernorm"
+    objective: str = "em"
+    task: str = "transcribe"
+    max_new_tokens: int | None = None
+    seed: int = 0
+    episodic: bool = True
+    # the judge
+    min_entropy: float = 1.0
+    guards: tuple = _judge.DEFAULT_GUARDS
+    max_logp_drop: float = 1.5
+    max_seq_logp_drop: float = 2.0
+    max_length_ratio: float = 2.0
+    verifier: str | None = "auto"
+    max_verifier_drop: float = 0.1
+    # Whisper's decoding rules
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    # research ablations
+    baseline: str = "loo"
+    hypotheses: str = "auto"
+    temperature: float = 1.0
+    reduction: str = "sum"
+    em_coef: float = 0.5
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.episodic is not True:
+            raise ValueError("every fastem.adapt call is episodic (the model is restored afterwards); to keep "
+                             "adapting across calls use fastem.Adapter(model, processor).adapt(audio)")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.hypotheses not in ("auto", "sample", "greedy"):
+            raise ValueError(f"hypotheses must be 'auto', 'sample' or 'greedy', got {self.hypotheses!r}")
+        if self.objective in ("em", "pg") and self.hypotheses == "greedy":
+            raise ValueError(f"objective={self.objective!r} needs sampled hypotheses: its policy-gradient term "
+                             "estimates nothing on the deterministic greedy hypothesis (use hypotheses='sample', "
+                             "or objective='entropy')")
+        if self.objective == "suta" and self.hypotheses == "sample":
+            raise ValueError("objective='suta' adapts on the greedy pseudo-label (hypotheses='greedy' or 'auto')")
+        if self.objective in ("em", "pg") and self.baseline == "loo" and self.num_samples < 2:
+            raise ValueError("baseline='loo' needs num_samples >= 2 (with one sample it is no baseline): raise "
+                             "num_samples or pass baseline='none'")
+        check_param_spec(self.params)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        if not self.max_logp_drop >= 0 or not self.max_length_ratio > 1:
+            raise ValueError("max_logp_drop must be >= 0 and max_length_ratio > 1, got "
+                             f"{self.max_logp_drop!r}, {self.max_length_ratio!r}")
+        if self.max_seq_logp_drop is None or not self.max_seq_logp_drop >= 0:
+            raise ValueError(f"max_seq_logp_drop must be >= 0 (nats per transcript), got {self.max_seq_logp_drop!r}; "
+                             "to switch the likelihood guard off, leave 'likelihood' out of guards")
+        if not self.max_verifier_drop >= 0:
+            raise ValueError(f"max_verifier_drop must be >= 0 (nats per token), got {self.max_verifier_drop!r}")
+        if self.verifier is not None and not (isinstance(self.verifier, str) and self.verifier.strip()):
+            raise ValueError(f"verifier must be a checkpoint name, hub id or directory, got {self.verifier!r}")
+        if not self.min_entropy >= 0.0:
+            raise ValueError(f"min_entropy must be >= 0 (nats per token; 0 adapts every utterance), got {self.min_entropy!r}")
+        if not 0.0 <= self.em_coef <= 1.0:
+            raise ValueError(f"em_coef must be in [0, 1], got {self.em_coef!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        for name in ("compression_ratio_threshold", "no_speech_threshold"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None (off) or > 0, got {value!r}")
+        if self.logprob_threshold is not None and not self.logprob_threshold <= 0:
+            raise ValueError(f"logprob_threshold must be None (off) or <= 0 (nats per token), got {self.logprob_threshold!r}")
+        if isinstance(self.guards, str):
+            self.guards = (self.guards,)
+        self.guards = tuple(self.guards or ())
+        unknown = [g for g in self.guards if g not in _judge.GUARDS]
+        if unknown:
+            raise ValueError(f"unknown guards {unknown}; known: {sorted(_judge.GUARDS)}")
+        if "verifier" in self.guards and self.verifier is None:
+            raise ValueError("guards names 'verifier' but verifier=None: name a checkpoint (or 'auto'), or leave "
+                             "'verifier' out of guards")
+
+    @property
+    def uses_greedy_hypotheses(self) -> bool:
+        return self.hypotheses == "greedy" or (self.hypotheses == "auto" and self.objective in ("entropy", "suta"))
+
+    @property
+    def decode_rules(self) -> DecodeRules:
+        return DecodeRules(self.compression_ratio_threshold, self.logprob_threshold, self.no_speech_threshold)
+
+
+@dataclass
+class AdaptResult:
+    """What one call returns (per utterance or recording).
+
+    text / tokens:               the transcript returned: the adapted one, or the unadapted one when a
+                                 guard fired.
+    text_before / tokens_before: the source model's transcript (before any adaptation, also in a
+                                 continual :class:`fastem.Adapter`), by Whisper's rules (:mod:`fastem.decoding`).
+    text_adapted / tokens_adapted: the adapted model's transcript, whether or not a guard fired.
+    guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted).
+    verdicts:                    every guard that ran: its reason when it fired, else None.
+    scores:                      the evidence: ``entropy_before`` (the gate's), ``logprob_before`` /
+                                 ``logprob_after`` (average log-prob of each transcript under the model that
+                                 made it), ``no_speech_prob``, ``fallback_before`` / ``fallback_after`` (the
+                                 temperature of the sample that replaced a greedy transcript needing
+                                 Whisper's fallback, 0 when the greedy one was kept), ``source_before``,
+                                 ``source_after``, ``adapted_before``, ``adapted_after`` (the source and the
+                                 adapted model's mean log-prob of each transcript), ``verifier`` (the checkpoint
+                                 that voted), ``verifier_before``, ``verifier_after`` or ``verifier_abstained``.
+    language:                    the language code used (given or detected), None if unknown.
+    history:                     one dict per step: loss, entropy (mean token entropy of the step's
+                                 hypotheses, before the update), length, tokens, seconds, and skipped (a
+                                 non-finite loss or gradient: no update).
+    seconds:                     wall time of the call (shared by the utterances of a batch).
+    sample_tokens / sample_seconds: tokens drawn by the sampling loop and the time spent in it.
+    skipped:                     why nothing was adapted: "silence" (digital silence), "no_speech"
+                                 (Whisper's no-speech rule), "confident" (the gate), else None.
+    windows:                     for a recording over 30 s, the result of each window (cut at pauses,
+                                 each adapted on its own); the fields above join them.
+    """
+
+    text: str
+    text_before: str
+    tokens: list[int]
+    tokens_before: list[int]
+    language: str | None
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    sample_tokens: int = 0
+    sample_seconds: float = 0.0
+    text_adapted: str = ""
+    tokens_adapted: list[int] = field(default_factory=list)
+    guard: str | None = None
+    guard_reason: str | None = None
+    verdicts: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    skipped: str | None = None
+    windows: list = field(default_factory=list)

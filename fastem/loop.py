@@ -1,0 +1,145 @@
+"""The adaptation steps: where the adapted parameters enter the forward pass, and one optimizer step.
+
+Per step, for ``B`` utterances at once: the encoder layers that hold adapted parameters (none: the
+encoder ran once, before the loop), the decoder's cross-attention keys/values (once per utterance when
+they cannot change), ``K`` hypotheses per utterance with the KV cache, their teacher-forced scores,
+each utterance's loss (the objective the config selects), one optimizer step.  Each utterance has its
+own copy of the adapted parameters and its own optimizer state (Adam is element-wise), so a batch
+gives each utterance what it would get alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .objective import em_loss, entropy_rows, suta_loss
+from .params import Binding, ModelSnapshot
+from .sampling import Head, Hypotheses, decode, score, teacher_forced_hidden
+from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers
+
+__all__ = ["Encoder", "State", "make_optimizer", "step"]
+
+
+@dataclass
+class State:
+    """What persists across calls of a continual :class:`fastem.Adapter` (None for episodic calls)."""
+
+    binding: Binding
+    optimizer: Any
+    steps_taken: int = 0
+    source: ModelSnapshot | None = None  # direct parameter sets: the source values (the model holds adapted ones)
+
+
+def make_optimizer(cfg, params):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Encoder:
+    """The encoder split for adaptation: what runs once per utterance and what runs each step.
+
+    ``start``: the first encoder layer holding an adapted parameter (None: none adapts); ``embed``:
+    the convolutions adapt (the embedding runs each step, from the features); ``cross_fixed``: the
+    cross-attention keys/values cannot change.  ``prefix``: the input of the part that runs each step
+    (features, the embedding, or the hidden states below layer ``start``); ``source``: the source
+    model's encoder output and ``cross``: its cross-attention keys/values.
+    """
+
+    start: int | None
+    embed: bool
+    cross_fixed: bool
+    prefix: torch.Tensor
+    source: torch.Tensor
+    cross: CrossKV
+
+    @classmethod
+    def build(cls, model, feats: torch.Tensor, start: int | None, embed: bool, cross_fixed: bool) -> "Encoder":
+        """Run the source model's encoder once (no grad), keeping the split point's input."""
+        with torch.no_grad():
+            embedded = encoder_embed(model, feats)
+            below = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
+            source = encoder_layers(model, below, start or 0)
+        prefix = feats if embed else below
+        return cls(start, embed, cross_fixed, prefix, source, cross_kv(model, source))
+
+    def select(self, index: list[int]) -> "Encoder":
+        return Encoder(self.start, self.embed, self.cross_fixed, self.prefix[index], self.source[index],
+                       self.cross.select(index))
+
+    def adapted_cross(self, model, over) -> CrossKV:
+        """Cross-attention keys/values under the current adapted parameters."""
+        if self.embed:
+            return cross_kv(model, encoder_layers(model, encoder_embed(model, self.prefix), 0, over=over))
+        if self.start is not None:
+            return cross_kv(model, encoder_layers(model, self.prefix, self.start, over=over))
+        if not self.cross_fixed:
+            return cross_kv(model, self.source)
+        return self.cross
+
+
+def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Binding,
+            head: Head) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Each utterance's loss, and the hypotheses' per-token entropy and mask (for the history)."""
+    if cfg.objective == "suta":
+        hidden = teacher_forced_hidden(model, cross, prompts, hyps, over=binding.over)
+        first_bias, bias = prompts[0].biases(head.vocab_size, hidden.device)
+        mask = hyps.mask
+        losses, ents = [], torch.zeros(mask.shape, device=hidden.device)
+        for b in range(len(prompts)):
+            r = hyps.rows_of(b).start
+            n = int(hyps.lengths[r])
+            logits = head.logits(hidden[r, :n]) + torch.stack([first_bias] + [bias] * (n - 1))
+            z = logits / cfg.temperature
+            losses.append(suta_loss(z, em_coef=cfg.em_coef))
+            with torch.no_grad():
+                ents[r, :n] = entropy_rows(z)
+        return losses, ents, mask
+    entropy, logp, mask = score(model, cross, prompts, hyps, temperature=cfg.temperature, backend=cfg.backend,
+                                over=binding.over, head=head)
+    losses = []
+    for b in range(len(prompts)):
+        s = hyps.rows_of(b)
+        losses.append(em_loss(entropy[s], logp[s], mask[s], objective=cfg.objective, baseline=cfg.baseline,
+                              reduction=cfg.reduction))
+    return losses, entropy.detach(), mask
+
+
+def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
+         head: Head) -> tuple[Hypotheses, list[dict]]:
+    """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated.
+    Returns the step's hypotheses and one history entry per utterance."""
+    n = len(prompts)
+    t0 = time.perf_counter()
+    binding.before_backward()
+    with torch.enable_grad():
+        cross = encoder.adapted_cross(model, binding.over)  # after before_backward: direct parameters have grads
+        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples, greedy=cfg.uses_greedy_hypotheses,
+                      temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
+                      head=head)
+        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head)
+        finite = torch.tensor([bool(torch.isfinite(loss)) for loss in losses])
+        if bool(finite.any()):
+            sum(loss for loss, f in zip(losses, finite) if f).backward()
+    binding.after_backward()
+    finite &= binding.grad_finite(n)
+    saved = binding.rows() if not bool(finite.all()) else None
+    if bool(finite.any()):
+        optimizer.step()
+        binding.after_step()
+    if saved is not None:
+        binding.undo(saved, ~finite)
+    binding.zero_grad()
+    elapsed = time.perf_counter() - t0
+    entries = []
+    for b in range(n):
+        s = hyps.rows_of(b)
+        m = mask[s]
+        entries.append({"loss": float(losses[b].detach()), "entropy": float((entropy[s] * m).sum() / m.sum().clamp_min(1)),
+                        "length": float(hyps.lengths[s].float().mean()), "tokens": int(hyps.lengths[s].sum()),
+                        "seconds": elapsed, "skipped": not bool(finite[b])})
+    return hyps, entries
