@@ -162,7 +162,7 @@ def _transcribe_source(call: _Call) -> list[Transcript]:
     adapter that has learnt a lot), by Whisper's rules."""
     with torch.no_grad(), call.source_model(call.learnt):
         before = transcripts(call.model, call.processor, call.encoder.cross, call.prompts, call.budgets,
-                             call.cfg.decode_rules, seed=call.cfg.seed, head=call.head)
+                             call.cfg.decode_rules, seed=call.cfg.seed, head=call.head, num_beams=call.cfg.num_beams)
     call.scores = []
     for t in before:
         sc = {"entropy_before": t.entropy, "logprob_before": t.avg_logprob}
@@ -223,7 +223,7 @@ def _transcribe_adapted(call: _Call, active: list[int], before: list[Transcript]
         cross = call.encoder.adapted_cross(call.model, call.binding.over)
         adapted = transcripts(call.model, call.processor, cross, [call.prompts[b] for b in active],
                               [call.budgets[b] for b in active], rules, seed=call.cfg.seed, head=call.head,
-                              over=call.binding.over)
+                              over=call.binding.over, num_beams=call.cfg.num_beams)
     for b, t in zip(active, adapted):
         after[b] = t
         call.scores[b]["logprob_after"] = t.avg_logprob
@@ -404,9 +404,10 @@ def _decode_config(max_new_tokens, rules: dict) -> AdaptConfig:
 
 def transcribe_batch(model, audios, *, processor=None, sampling_rate: int | None = 16000, language=None,
                      max_new_tokens: int | None = None, **rules) -> list[str]:
-    """Transcripts without adaptation (the decoding path ``adapt`` uses: greedy with Whisper's fallback and
-    no-speech rules, whose thresholds ``compression_ratio_threshold``, ``logprob_threshold`` and
-    ``no_speech_threshold`` can be given, None switching one off), all utterances in one batch."""
+    """Transcripts without adaptation (the decoding path ``adapt`` uses: greedy, or ``num_beams=k`` beam
+    search, with Whisper's fallback and no-speech rules, whose thresholds ``compression_ratio_threshold``,
+    ``logprob_threshold`` and ``no_speech_threshold`` can be given, None switching one off), all utterances
+    in one batch."""
     audios = list(audios)
     if not audios:
         return []

@@ -24,6 +24,8 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--beams", type=int, default=d.num_beams, metavar="K",
+                   help="decode every transcript by beam search with K beams (default 1: greedy)")
     p.add_argument("--params", default=d.params, choices=["layernorm", "decoder", "encoder", "all"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--min-entropy", type=float, default=d.min_entropy, metavar="NATS",
@@ -110,7 +112,7 @@ def _references(args) -> dict[str, str]:
 
 
 def _decode_rules(args) -> dict:
-    return {"compression_ratio_threshold": args.compression_ratio_threshold,
+    return {"compression_ratio_threshold": args.compression_ratio_threshold, "num_beams": args.beams,
             "logprob_threshold": args.logprob_threshold, "no_speech_threshold": args.no_speech_threshold}
 
 

@@ -30,6 +30,8 @@ class AdaptConfig:
     objective:      "em" (the exact sequence entropy, default), "entropy" (token entropy at fixed
                     prefixes), "pg" (policy gradient with the sequence entropy as cost), "suta" (SUTA);
                     see :mod:`fastem.objective`.
+    num_beams:      1 decodes greedily (default); k > 1 decodes every transcript (the source model's, the
+                    adapted one) by beam search with k beams, as ``generate(num_beams=k)`` does.
     task:           "transcribe" or "translate" (multilingual checkpoints).
     max_new_tokens: cap on generated tokens; None: 10 per second of audio + 20.
     seed:           seeds the sampler: a call is reproducible on the same device.
@@ -76,6 +78,7 @@ class AdaptConfig:
     num_samples: int = 4
     params: Any = "layernorm"
     objective: str = "em"
+    num_beams: int = 1
     task: str = "transcribe"
     max_new_tokens: int | None = None
     seed: int = 0
@@ -110,6 +113,8 @@ class AdaptConfig:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1 (1: greedy), got {self.num_beams!r}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
         if self.objective not in OBJECTIVES:

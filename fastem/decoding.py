@@ -99,17 +99,25 @@ def no_speech_token(model) -> int | None:
 
 @torch.no_grad()
 def transcripts(model, processor, cross, prompts: list[Prompt], budgets: list[int], rules: DecodeRules, *,
-                seed: int = 0, head: Head | None = None, over=None) -> list[Transcript]:
+                seed: int = 0, head: Head | None = None, over=None, num_beams: int = 1) -> list[Transcript]:
     """Each utterance's transcript by Whisper's rules (see the module docstring).
 
     ``cross``: the utterances' cross-attention keys/values; ``over``: per-utterance adapted LayerNorms
-    (the adapted model's transcripts).  The fallback samples only the utterances that need it, each
-    from a generator seeded by ``seed``, so a transcript does not depend on the batch it is in.
+    (the adapted model's transcripts); ``num_beams > 1``: the first transcript is decoded by beam search
+    (:func:`fastem.beam.beam_search`) instead of greedily, as openai-whisper's ``beam_size`` does; the
+    fallback still samples.  The fallback samples only the utterances that need it, each from a generator
+    seeded by ``seed``, so a transcript does not depend on the batch it is in.
     """
     head = head or Head(model)
     ns_id = no_speech_token(model) if rules.no_speech is not None else None
-    greedy = decode(model, cross, prompts, greedy=True, max_new_tokens=budgets, over=over, head=head,
-                    no_speech_id=ns_id)
+    if num_beams > 1:
+        from .beam import beam_search
+
+        greedy = beam_search(model, cross, prompts, num_beams=num_beams, max_new_tokens=budgets, over=over, head=head,
+                             no_speech_id=ns_id)
+    else:
+        greedy = decode(model, cross, prompts, greedy=True, max_new_tokens=budgets, over=over, head=head,
+                        no_speech_id=ns_id)
     entropies = greedy.mean_entropy()
     out = []
     for b, p in enumerate(prompts):

@@ -214,10 +214,17 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert "unknown guard(s) nonsense" in capsys.readouterr().err
 
 
-def test_decoding_rule_options_reach_transcribe(files, fake_model):
+def test_decoding_options_reach_transcribe_and_adapt(files, fake_model, monkeypatch):
+    seen = []
+    real = ADAPT_MODULE.adapt_batch
+    monkeypatch.setattr(ADAPT_MODULE, "adapt_batch", lambda model, audios, **kw: seen.append(kw["config"]) or real(
+        model, audios, **kw))
+    assert main(["transcribe", files["good"], "--adapt", "--beams", "4", "--no-speech-threshold", "none"]) == 0
+    assert seen[-1].num_beams == 4 and seen[-1].no_speech_threshold is None
     assert main(["transcribe", files["good"]]) == 0
     assert fake_model["rules"][-1] == {"compression_ratio_threshold": 2.4, "logprob_threshold": -1.0,
-                                       "no_speech_threshold": 0.6}
-    assert main(["transcribe", files["good"], "--logprob-threshold", "none", "--no-speech-threshold", "0.8"]) == 0
+                                       "no_speech_threshold": 0.6, "num_beams": 1}
+    assert main(["transcribe", files["good"], "--logprob-threshold", "none", "--no-speech-threshold", "0.8",
+                 "--beams", "5"]) == 0
     assert fake_model["rules"][-1] == {"compression_ratio_threshold": 2.4, "logprob_threshold": None,
-                                       "no_speech_threshold": 0.8}
+                                       "no_speech_threshold": 0.8, "num_beams": 5}

@@ -328,7 +328,7 @@ def _hash(obj: Any) -> str:
 
 
 #: AdaptConfig fields added after rows were first written, with the value that changes nothing.
-_NEUTRAL_SETTINGS = {"min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None}
+_NEUTRAL_SETTINGS = {"min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None, "num_beams": 1}
 #: thresholds that change nothing while the setting they belong to is off (a verifier's drop without a verifier).
 _NEUTRAL_WITHOUT = {"max_verifier_drop": "verifier"}
 
@@ -376,7 +376,10 @@ def decode_settings(overrides: dict[str, Any]) -> dict | None:
     resolved = resolved_adapt_config(overrides)
     if not all(k in resolved for k in DECODE_FIELDS):
         return None
-    return {k: resolved[k] for k in DECODE_FIELDS}
+    out = {k: resolved[k] for k in DECODE_FIELDS}
+    if "num_beams" in resolved:  # beam search (greedy, 1, is left out: rows made before beams existed stay valid)
+        out["num_beams"] = resolved["num_beams"]
+    return out
 
 
 def row_key(row: dict) -> tuple:

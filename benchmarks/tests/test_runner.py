@@ -379,6 +379,8 @@ def test_a_verifier_switched_off_leaves_the_row_key_alone():
     dom = DOMAINS["clean"]
     assert config_hash("none", dom, 0, None) != config_hash("none", dom, 0, None, None, rules)
     assert decode_settings({"logprob_threshold": None})["logprob_threshold"] is None
+    assert "num_beams" not in default and decode_settings({"num_beams": 5})["num_beams"] == 5
+    assert resolved_adapt_config({"num_beams": 5})["num_beams"] == 5
 
 
 def test_changing_a_definition_reruns_only_that_method(synth, tmp_path):
