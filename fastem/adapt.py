@@ -33,7 +33,7 @@ from .decoding import Transcript, transcripts
 from .loop import Encoder, State, make_optimizer, step
 from .params import Binding, ModelSnapshot, cross_kv_fixed, first_adapted_encoder_layer, select_parameters
 from .sampling import Head, Prompt, build_prompts, mean_logp
-from .whisper import features
+from .whisper import clip_frames, features
 
 __all__ = ["AdaptConfig", "AdaptResult", "adapt", "adapt_batch", "transcribe", "transcribe_batch"]
 
@@ -152,8 +152,9 @@ def _encode(call: _Call) -> None:
     feats = features(model, call.processor, call.waves)
     embed = any(n.split(".")[-2] in ("conv1", "conv2") for n in names if ".encoder." in f".{n}")
     with torch.no_grad(), call.source_model(call.learnt):
+        short = clip_frames(call.seconds, feats.shape[-1]) if call.cfg.encoder_context == "clip" else None
         call.encoder = Encoder.build(model, feats, first_adapted_encoder_layer(model, names), embed,
-                                     cross_kv_fixed(call.binding.named))
+                                     cross_kv_fixed(call.binding.named), short)
         call.prompts = build_prompts(model, call.encoder.cross, call.languages, task=call.cfg.task, head=call.head)
 
 

@@ -70,6 +70,9 @@ class AdaptConfig:
     optimizer:      "adam" (AdamW) or "sgd".
     weight_decay:   decoupled weight decay (AdamW) or L2 (SGD), 0.
     backend:        token statistics: "auto" (Triton on CUDA, PyTorch elsewhere), "torch", "triton".
+    encoder_context: "full" (default): the adaptation steps run the encoder on the 30-s padded input Whisper
+                    was trained on; "clip": on the clips' own length (rounded up to whole seconds, with 1 s
+                    of margin), cheaper for short clips; every transcript is decoded from the full input.
     """
 
     # what a user sets
@@ -104,6 +107,7 @@ class AdaptConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     backend: str = "auto"
+    encoder_context: str = "full"
 
     def __post_init__(self):
         if self.episodic is not True:
@@ -153,6 +157,8 @@ class AdaptConfig:
             raise ValueError(f"em_coef must be in [0, 1], got {self.em_coef!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if self.encoder_context not in ("full", "clip"):
+            raise ValueError(f"encoder_context must be 'full' or 'clip', got {self.encoder_context!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         for name in ("compression_ratio_threshold", "no_speech_threshold"):

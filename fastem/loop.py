@@ -47,7 +47,9 @@ class Encoder:
     the convolutions adapt (the embedding runs each step, from the features); ``cross_fixed``: the
     cross-attention keys/values cannot change.  ``prefix``: the input of the part that runs each step
     (features, the embedding, or the hidden states below layer ``start``); ``source``: the source
-    model's encoder output and ``cross``: its cross-attention keys/values.
+    model's encoder output and ``cross``: its cross-attention keys/values.  ``short``: the same input
+    on the clips' own length (``AdaptConfig.encoder_context="clip"``), which the steps use when the
+    encoder adapts; every transcript is decoded from the full 30-s input.
     """
 
     start: int | None
@@ -56,27 +58,39 @@ class Encoder:
     prefix: torch.Tensor
     source: torch.Tensor
     cross: CrossKV
+    short: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, model, feats: torch.Tensor, start: int | None, embed: bool, cross_fixed: bool) -> "Encoder":
+    def build(cls, model, feats: torch.Tensor, start: int | None, embed: bool, cross_fixed: bool,
+              short_frames: int | None = None) -> "Encoder":
         """Run the source model's encoder once (no grad), keeping the split point's input."""
         with torch.no_grad():
             embedded = encoder_embed(model, feats)
             below = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
             source = encoder_layers(model, below, start or 0)
+            short = None
+            if short_frames is not None and short_frames < feats.shape[-1] and (embed or start is not None):
+                clipped = feats[..., :short_frames]
+                if embed:
+                    short = clipped
+                else:
+                    e = encoder_embed(model, clipped, shorter=True)
+                    short = encoder_layers(model, e, 0, start, final_norm=False) if start else e
         prefix = feats if embed else below
-        return cls(start, embed, cross_fixed, prefix, source, cross_kv(model, source))
+        return cls(start, embed, cross_fixed, prefix, source, cross_kv(model, source), short)
 
     def select(self, index: list[int]) -> "Encoder":
         return Encoder(self.start, self.embed, self.cross_fixed, self.prefix[index], self.source[index],
-                       self.cross.select(index))
+                       self.cross.select(index), None if self.short is None else self.short[index])
 
-    def adapted_cross(self, model, over) -> CrossKV:
-        """Cross-attention keys/values under the current adapted parameters."""
+    def adapted_cross(self, model, over, *, short: bool = False) -> CrossKV:
+        """Cross-attention keys/values under the current adapted parameters (``short``: on the clips' own
+        length, where the config asks for it)."""
+        prefix = self.short if short and self.short is not None else self.prefix
         if self.embed:
-            return cross_kv(model, encoder_layers(model, encoder_embed(model, self.prefix), 0, over=over))
+            return cross_kv(model, encoder_layers(model, encoder_embed(model, prefix, shorter=True), 0, over=over))
         if self.start is not None:
-            return cross_kv(model, encoder_layers(model, self.prefix, self.start, over=over))
+            return cross_kv(model, encoder_layers(model, prefix, self.start, over=over))
         if not self.cross_fixed:
             return cross_kv(model, self.source)
         return self.cross
@@ -117,7 +131,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
     t0 = time.perf_counter()
     binding.before_backward()
     with torch.enable_grad():
-        cross = encoder.adapted_cross(model, binding.over)  # after before_backward: direct parameters have grads
+        cross = encoder.adapted_cross(model, binding.over, short=True)  # after before_backward: direct sets have grads
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)

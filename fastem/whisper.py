@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNormOverrides", "CrossKV", "SelfKV", "encoder_embed", "encoder_layers", "encode", "cross_kv",
-           "decoder_forward"]
+__all__ = ["LayerNormOverrides", "CrossKV", "SelfKV", "clip_frames", "encoder_embed", "encoder_layers", "encode",
+           "cross_kv", "decoder_forward"]
 
 
 class LayerNormOverrides:
@@ -65,15 +65,25 @@ def features(model, processor, waves: list[torch.Tensor]) -> torch.Tensor:
     return feats.to(device=param.device, dtype=param.dtype)
 
 
-def encoder_embed(model, features: torch.Tensor) -> torch.Tensor:
-    """Convolutions + positions: ``[B, n_mels, 3000]`` log-mel features -> ``[B, 1500, D]``."""
+def encoder_embed(model, features: torch.Tensor, *, shorter: bool = False) -> torch.Tensor:
+    """Convolutions + positions: ``[B, n_mels, 3000]`` log-mel features -> ``[B, 1500, D]``.  With
+    ``shorter``, fewer frames (an even number) are accepted: the first positions of the 30-s input
+    (:func:`clip_frames`), the audio context whisper.cpp calls ``audio_ctx``."""
     enc = model.get_encoder()
     expected = enc.config.max_source_positions * enc.conv1.stride[0] * enc.conv2.stride[0]
-    if features.shape[-1] != expected:
-        raise ValueError(f"Whisper expects {expected} mel frames (30 s, padded), got {features.shape[-1]}")
+    frames = features.shape[-1]
+    if frames != expected and not (shorter and 0 < frames < expected and frames % 2 == 0):
+        raise ValueError(f"Whisper expects {expected} mel frames (30 s, padded), got {frames}")
     h = F.gelu(enc.conv1(features))
     h = F.gelu(enc.conv2(h)).permute(0, 2, 1)
     return h + enc.embed_positions.weight[: h.shape[1]]
+
+
+def clip_frames(seconds: list[float], total: int = 3000, margin_seconds: float = 1.0) -> int:
+    """Mel frames that hold the longest of these clips with a margin, rounded up to whole seconds (100
+    frames), at most ``total``: the encoder's input when it runs on the clips' own length."""
+    longest = max(seconds) + margin_seconds
+    return int(min(total, 100 * -(-longest * 100 // 100)))
 
 
 def encoder_layers(model, h: torch.Tensor, start: int = 0, stop: int | None = None, *,

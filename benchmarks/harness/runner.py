@@ -328,7 +328,8 @@ def _hash(obj: Any) -> str:
 
 
 #: AdaptConfig fields added after rows were first written, with the value that changes nothing.
-_NEUTRAL_SETTINGS = {"min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None, "num_beams": 1}
+_NEUTRAL_SETTINGS = {"min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None, "num_beams": 1,
+                     "encoder_context": "full"}
 #: thresholds that change nothing while the setting they belong to is off (a verifier's drop without a verifier).
 _NEUTRAL_WITHOUT = {"max_verifier_drop": "verifier"}
 

@@ -1,0 +1,58 @@
+"""fastem.loop: the encoder split, and the steps on the clips' own length (encoder_context="clip")."""
+import importlib
+
+import pytest
+import torch
+
+import fastem
+from fastem.whisper import clip_frames, encoder_embed, encoder_layers
+from tiny_whisper import random_features, tiny_whisper
+
+loop_module = importlib.import_module("fastem.loop")
+
+
+def test_the_short_embedding_is_the_full_one_on_the_first_positions():
+    """Convolutions and positions on the first F frames equal the full input's first F/2 positions (all but the
+    last, whose convolution sees one frame past the cut)."""
+    model = tiny_whisper(encoder_layers=2).double()  # float64: only the cut may differ, not the rounding
+    feats = random_features(seed=3).double()
+    with torch.no_grad():
+        full = encoder_embed(model, feats)
+        for frames in (200, 700, 2000):
+            short = encoder_embed(model, feats[..., :frames], shorter=True)
+            assert short.shape[1] == frames // 2
+            torch.testing.assert_close(short[:, :-1], full[:, :frames // 2 - 1], rtol=0, atol=1e-12)
+            assert not torch.equal(short[:, -1], full[:, frames // 2 - 1])  # the cut is seen: the test can fail
+            layers = encoder_layers(model, short)  # the layers run on any length
+            assert layers.shape == short.shape and torch.isfinite(layers).all()
+    with pytest.raises(ValueError, match="3000 mel frames"):
+        encoder_embed(model, feats[..., :700])  # only when asked for
+    with pytest.raises(ValueError, match="3000 mel frames"):
+        encoder_embed(model, feats[..., :701], shorter=True)
+
+
+def test_clip_frames_round_up_to_whole_seconds_with_a_margin():
+    assert clip_frames([5.4]) == 700 and clip_frames([0.3]) == 200 and clip_frames([3.0, 7.2]) == 900
+    assert clip_frames([29.5]) == 3000 and clip_frames([10.0], margin_seconds=0.0) == 1000
+
+
+@pytest.mark.parametrize("params", ["layernorm", "all"])
+def test_clip_context_steps_run_short_and_transcripts_full(processor, monkeypatch, params):
+    """With encoder_context="clip" every step's cross-attention keys/values cover the clip's frames only, and
+    the source and the adapted transcripts are decoded from the full 30-s input; "full" keeps 1500."""
+    model = tiny_whisper()
+    audio = torch.randn(24000, generator=torch.Generator().manual_seed(0)) * 0.1  # 1.5 s: 300 frames, 150 positions
+    widths = []
+    real = loop_module.cross_kv
+    monkeypatch.setattr(loop_module, "cross_kv", lambda m, enc: widths.append(enc.shape[1]) or real(m, enc))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=1e-2, max_new_tokens=6, min_entropy=0.0,
+              guards=(), params=params)
+    short = fastem.adapt(model, audio, encoder_context="clip", **kw)
+    assert widths == [1500, 150, 150, 150, 1500]  # source, three steps, the adapted transcript
+    assert len(short.history) == 3 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    widths.clear()
+    fastem.adapt(model, audio, **kw)
+    assert widths == [1500] * 5
+    with pytest.raises(ValueError, match="encoder_context"):
+        fastem.AdaptConfig(encoder_context="short")
