@@ -56,6 +56,10 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                        help=f"Whisper's decoding rule: {what} (default {default:g}; 'none': off)")
 
 
+def _snrs(text: str) -> tuple:
+    return tuple(None if t.strip().lower() == "clean" else float(t) for t in text.split(",") if t.strip())
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() == "none" else float(text)
 
@@ -93,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="adapt on a bundled real clip with real noise added; print WER before/after")
     _add_method_args(d, default_steps=AdaptConfig().steps)
-    d.add_argument("--snr", type=float, default=-3.0, help="signal-to-noise ratio of the added noise in dB")
+    d.add_argument("--snr", type=_snrs, default=(None, 5.0, -3.0), metavar="LIST",
+                   help="conditions: comma-separated SNRs in dB of the added real noise, 'clean' for none "
+                        "(default clean,5,-3)")
     return parser
 
 
@@ -258,7 +264,7 @@ def _print_row(row: dict, as_json: bool) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(model_name=args.model, device=args.device, snr_db=args.snr, config=_config(args),
+    return run_demo(model_name=args.model, device=args.device, snrs=args.snr, config=_config(args),
                     language=args.language)
 
 

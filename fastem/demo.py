@@ -1,4 +1,6 @@
-"""``fastem demo``: a real clip, real noise, the real model; WER before and after adaptation."""
+"""``fastem demo``: a real clip under several conditions (clean, real noise at several SNRs), the real model:
+for each, the unadapted transcript, the adapted one, 5-beam search of the unadapted model, their WER, who
+decided (the gate, a guard, or the adaptation) and the seconds it took."""
 from __future__ import annotations
 
 import time
@@ -11,8 +13,9 @@ from .config import AdaptConfig
 __all__ = ["noisy_sample", "run_demo"]
 
 
-def noisy_sample(snr_db: float) -> tuple[torch.Tensor, str, str]:
-    """The bundled clean clip with the bundled noise added at ``snr_db``; returns (audio, reference, credits)."""
+def noisy_sample(snr_db: float | None) -> tuple[torch.Tensor, str, str]:
+    """The bundled clean clip with the bundled noise added at ``snr_db`` (None: clean); returns (audio,
+    reference, credits)."""
     import torchaudio
 
     from .audio import load_audio
@@ -20,6 +23,8 @@ def noisy_sample(snr_db: float) -> tuple[torch.Tensor, str, str]:
 
     speech_path, noise_path, reference = sample_paths()
     speech = load_audio(speech_path)
+    if snr_db is None:
+        return speech, reference, f"{speech_path.name}, clean"
     noise = load_audio(noise_path)
     if noise.numel() < speech.numel():
         noise = noise.repeat(speech.numel() // noise.numel() + 1)
@@ -31,30 +36,56 @@ def noisy_sample(snr_db: float) -> tuple[torch.Tensor, str, str]:
     return noisy, reference, f"{speech_path.name} + {noise_path.name} at {snr_db:g} dB SNR"
 
 
-def run_demo(*, model_name: str = "base", device=None, snr_db: float = -3.0,
-             config: AdaptConfig | None = None, language: str | None = None) -> int:
+def _decided(res) -> str:
+    if res.skipped == "confident":
+        return "gate: sure of it"
+    if res.skipped:
+        return res.skipped
+    if res.guard:
+        return f"guard: {res.guard}"
+    return "adapted" if res.text != res.text_before else "adapted, same text"
+
+
+def run_demo(*, model_name: str = "base", device=None, snrs=(None, 5.0, -3.0), config: AdaptConfig | None = None,
+             language: str | None = None, beams: int = 5) -> int:
+    """Adapt on each condition (``snrs``: dB of the bundled noise, None for the clean clip) and print a table."""
+    from .adapt import transcribe
     from .models import load_whisper
     from .text import word_errors
 
     cfg = config or AdaptConfig()
-    audio, reference, what = noisy_sample(snr_db)
-    print(f"fastem demo: Whisper {model_name}, {what} ({audio.numel() / 16000:.1f} s)", flush=True)
     t0 = time.perf_counter()
     model, processor = load_whisper(model_name, device=device)
-    print(f"model loaded in {time.perf_counter() - t0:.1f} s; adapting {cfg.steps} steps, objective={cfg.objective}, "
-          f"K={cfg.num_samples}, params={cfg.params}, lr={cfg.lr:g}", flush=True)
-    res = adapt(model, audio, processor=processor, language=language or "en", config=cfg)
-    lang = res.language or "en"
-    e0, n = word_errors(reference, res.text_before, lang)
-    e1, _ = word_errors(reference, res.text, lang)
-    print(f"reference : {reference}")
-    print(f"before    : {res.text_before}   [WER {e0 / n:.1%}]")
-    print(f"after     : {res.text}   [WER {e1 / n:.1%}]")
-    if res.skipped == "confident":
-        print(f"adaptation: not run, the model is sure of this clip (mean token entropy "
-              f"{res.scores['entropy_before']:.3f} < min_entropy {cfg.min_entropy:g}); {res.seconds:.1f} s")
-    else:
-        print(f"adaptation: {res.seconds:.1f} s, {res.seconds / max(cfg.steps, 1):.2f} s/step; mean token entropy "
-              + " -> ".join(f"{h['entropy']:.3f}" for h in (res.history[:1] + res.history[-1:]))
-              + (f"; guard {res.guard}: {res.guard_reason}" if res.guard else ""))
+    print(f"fastem demo: Whisper {model_name} (loaded in {time.perf_counter() - t0:.1f} s); adapting {cfg.steps} steps, "
+          f"objective={cfg.objective}, K={cfg.num_samples}, params={cfg.params}, lr={cfg.lr:g}", flush=True)
+    rows = []
+    for snr in snrs:
+        audio, reference, what = noisy_sample(snr)
+        lang = language or "en"
+        res = adapt(model, audio, processor=processor, language=lang, config=cfg)
+        t1 = time.perf_counter()
+        beam = transcribe(model, audio, processor=processor, language=lang, num_beams=beams)
+        beam_seconds = time.perf_counter() - t1
+        n = word_errors(reference, res.text_before, lang)[1]
+        wer = {k: word_errors(reference, t, lang)[0] / n for k, t in
+               (("before", res.text_before), ("after", res.text), ("beam", beam))}
+        label = "clean" if snr is None else f"noise {snr:g} dB"
+        rows.append((label, wer, _decided(res), res.seconds, beam_seconds))
+        print(f"\n{what} ({audio.numel() / 16000:.1f} s)")
+        print(f"reference : {reference}")
+        print(f"before    : {res.text_before}   [WER {wer['before']:.1%}]")
+        print(f"after     : {res.text}   [WER {wer['after']:.1%}]   ({_decided(res)})")
+        print(f"{beams}-beam    : {beam}   [WER {wer['beam']:.1%}]", flush=True)
+        if res.history:
+            print("adaptation: mean token entropy " + " -> ".join(
+                f"{h['entropy']:.3f}" for h in (res.history[:1] + res.history[-1:]))
+                + (f"; {res.guard}: {res.guard_reason}" if res.guard else ""))
+        elif res.skipped == "confident":
+            print(f"adaptation: not run, the model is sure of this clip (mean token entropy "
+                  f"{res.scores['entropy_before']:.3f} < min_entropy {cfg.min_entropy:g})")
+    print(f"\n| condition | unadapted | adapted | {beams}-beam | decided by | adapt s | beam s |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for label, wer, decided, secs, beam_secs in rows:
+        print(f"| {label} | {wer['before']:.1%} | {wer['after']:.1%} | {wer['beam']:.1%} | {decided} | {secs:.1f} | "
+              f"{beam_secs:.1f} |")
     return 0

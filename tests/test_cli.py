@@ -59,12 +59,15 @@ def test_reference_count_must_match(jfk):
 
 
 def test_demo_runs_on_tiny(capsys):
-    assert main(["demo", "--model", "tiny.en", "--steps", "1", "--num-samples", "2"]) == 0
+    assert main(["demo", "--model", "tiny.en", "--steps", "1", "--num-samples", "2", "--snr", "clean,-3"]) == 0
     out = capsys.readouterr().out
-    for label in ("reference :", "before    :", "after     :", "WER"):
+    for label in ("reference :", "before    :", "after     :", "5-beam    :", "WER", "| clean |", "| noise -3 dB |",
+                  "| condition | unadapted | adapted | 5-beam | decided by |"):
         assert label in out
-    assert main(["demo", "--model", "tiny.en", "--steps", "1", "--num-samples", "2", "--min-entropy", "50"]) == 0
-    assert "adaptation: not run, the model is sure of this clip" in capsys.readouterr().out
+    assert main(["demo", "--model", "tiny.en", "--steps", "1", "--num-samples", "2", "--min-entropy", "50",
+                 "--snr", "-3"]) == 0
+    out = capsys.readouterr().out
+    assert "adaptation: not run, the model is sure of this clip" in out and "gate: sure of it" in out
 
 
 # --- Many files: keep going past bad ones (a stand-in model: no weights needed) ------------------
