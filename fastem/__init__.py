@@ -18,7 +18,7 @@ from .objective import em_loss
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "AdaptConfig", "AdaptResult", "adapt", "adapt_batch", "transcribe", "transcribe_batch", "em_loss",
-           "ops", "load_whisper", "load_audio", "__version__"]
+           "ops", "load_whisper", "load_lm", "load_audio", "__version__"]
 
 
 def __getattr__(name):
@@ -27,6 +27,10 @@ def __getattr__(name):
         from .models import load_whisper
 
         return load_whisper
+    if name == "load_lm":
+        from .lm import load_lm
+
+        return load_lm
     if name == "load_audio":
         from .audio import load_audio
 

@@ -120,6 +120,7 @@ class _Call:
     source: ModelSnapshot | None   # direct parameter sets: the source values, swapped in where the source speaks
     learnt: bool                   # a continual adapter whose model holds learnt values
     head: Head
+    inputs: object = None          # how the context is built: _WhisperInputs or fastem.lm.LMInputs
     encoder: Encoder | None = None
     prompts: list[Prompt] | None = None
     scores: list[dict] | None = None
@@ -130,32 +131,49 @@ class _Call:
         return self.source.swapped(active) if self.source is not None else contextlib.nullcontext()
 
 
-def _prepare(model, processor, waves, languages, cfg: AdaptConfig, state: State | None) -> _Call:
+class _WhisperInputs:
+    """How Whisper's context is built: log-mel features, the encoder split, Whisper's prompts and decoding rules."""
+
+    def seconds(self, waves) -> list[float]:
+        from .audio import SAMPLE_RATE
+
+        return [w.numel() / SAMPLE_RATE for w in waves]
+
+    def budgets(self, cfg: AdaptConfig, waves) -> list[int]:
+        return [cfg.max_new_tokens if cfg.max_new_tokens is not None else int(10 * s) + 20 for s in self.seconds(waves)]
+
+    def rules(self, cfg: AdaptConfig):
+        return cfg.decode_rules
+
+    def encode(self, call: "_Call") -> None:
+        model, names = call.model, [name for name, _ in call.binding.named]
+        feats = features(model, call.processor, call.waves)
+        embed = any(n.split(".")[-2] in ("conv1", "conv2") for n in names if ".encoder." in f".{n}")
+        with torch.no_grad(), call.source_model(call.learnt):
+            short = clip_frames(call.seconds, feats.shape[-1]) if call.cfg.encoder_context == "clip" else None
+            call.encoder = Encoder.build(model, feats, first_adapted_encoder_layer(model, names), embed,
+                                         cross_kv_fixed(call.binding.named), short)
+            call.prompts = build_prompts(model, call.encoder.cross, call.languages, task=call.cfg.task, head=call.head)
+
+
+WHISPER = _WhisperInputs()
+
+
+def _prepare(model, processor, waves, languages, cfg: AdaptConfig, state: State | None, inputs) -> _Call:
     """Phase 1a, before the snapshot is taken: token budgets and the adapted parameters (this call's copies,
     or a continual adapter's)."""
-    from .audio import SAMPLE_RATE
-
-    seconds = [w.numel() / SAMPLE_RATE for w in waves]
     binding = state.binding if state is not None else Binding(model, select_parameters(model, cfg.params), len(waves))
     snapshot = ModelSnapshot(model, binding.direct_params)
     source = (state.source if state is not None and state.source is not None else snapshot) if binding.direct else None
     learnt = state is not None and state.source is not None and state.steps_taken > 0
-    budgets = [cfg.max_new_tokens if cfg.max_new_tokens is not None else int(10 * s) + 20 for s in seconds]
-    return _Call(model, processor, cfg, state, waves, languages, seconds, budgets, binding, snapshot, source, learnt,
-                 Head(model))
+    return _Call(model, processor, cfg, state, waves, languages, inputs.seconds(waves), inputs.budgets(cfg, waves),
+                 binding, snapshot, source, learnt, Head(model), inputs)
 
 
 def _encode(call: _Call) -> None:
-    """Phase 1b: the source encoder once, split where adaptation starts; the prompts (language given or
-    detected)."""
-    model, names = call.model, [name for name, _ in call.binding.named]
-    feats = features(model, call.processor, call.waves)
-    embed = any(n.split(".")[-2] in ("conv1", "conv2") for n in names if ".encoder." in f".{n}")
-    with torch.no_grad(), call.source_model(call.learnt):
-        short = clip_frames(call.seconds, feats.shape[-1]) if call.cfg.encoder_context == "clip" else None
-        call.encoder = Encoder.build(model, feats, first_adapted_encoder_layer(model, names), embed,
-                                     cross_kv_fixed(call.binding.named), short)
-        call.prompts = build_prompts(model, call.encoder.cross, call.languages, task=call.cfg.task, head=call.head)
+    """Phase 1b: the context the transcripts are decoded from (Whisper: the source encoder once, split where
+    adaptation starts, and the prompts, language given or detected; a language model: its prompts)."""
+    call.inputs.encode(call)
 
 
 def _transcribe_source(call: _Call) -> list[Transcript]:
@@ -163,7 +181,7 @@ def _transcribe_source(call: _Call) -> list[Transcript]:
     adapter that has learnt a lot), by Whisper's rules."""
     with torch.no_grad(), call.source_model(call.learnt):
         before = transcripts(call.model, call.processor, call.encoder.cross, call.prompts, call.budgets,
-                             call.cfg.decode_rules, seed=call.cfg.seed, head=call.head, num_beams=call.cfg.num_beams)
+                             call.inputs.rules(call.cfg), seed=call.cfg.seed, head=call.head, num_beams=call.cfg.num_beams)
     call.scores = []
     for t in before:
         sc = {"entropy_before": t.entropy, "logprob_before": t.avg_logprob}
@@ -199,7 +217,7 @@ def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
         return histories
     cfg, state = call.cfg, call.state
     optimizer = state.optimizer if state is not None else make_optimizer(cfg, call.binding.tensors)
-    device = call.encoder.source.device
+    device = call.head.weight.device
     generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in active]
     prompts, budgets = [call.prompts[b] for b in active], [call.budgets[b] for b in active]
     for i in range(cfg.steps):
@@ -219,7 +237,7 @@ def _transcribe_adapted(call: _Call, active: list[int], before: list[Transcript]
     after = list(before)
     if not active:
         return after, None
-    rules = dataclasses.replace(call.cfg.decode_rules, no_speech=None)
+    rules = dataclasses.replace(call.inputs.rules(call.cfg), no_speech=None)
     with torch.no_grad():
         cross = call.encoder.adapted_cross(call.model, call.binding.over)
         adapted = transcripts(call.model, call.processor, cross, [call.prompts[b] for b in active],
@@ -251,11 +269,11 @@ def _judge_phase(call: _Call, active: list[int], before, after, cross) -> dict[i
     return dict(zip(active, _judge.judge(call.cfg, call.model, cases, score_both)))
 
 
-def _run(model, processor, waves: list[torch.Tensor], languages: list[str | None], cfg: AdaptConfig,
-         state: State | None = None) -> list[AdaptResult]:
-    """The pipeline on ``B = len(waves)`` windows (see the module docstring)."""
+def _run(model, processor, waves: list, languages: list[str | None], cfg: AdaptConfig, state: State | None = None,
+         inputs=WHISPER) -> list[AdaptResult]:
+    """The pipeline on ``B = len(waves)`` windows (or a language model's prompts; see the module docstring)."""
     t_start = time.perf_counter()
-    call = _prepare(model, processor, waves, languages, cfg, state)
+    call = _prepare(model, processor, waves, languages, cfg, state, inputs)
     try:
         model.eval()
         for p in model.parameters():
@@ -286,13 +304,23 @@ def _results(call: _Call, before, after, skipped, histories, judged, elapsed: fl
     return results
 
 
-def _prepare_inputs(model, processor, audios, sampling_rate, language):
+def _prepare_inputs(model, processor, audios, sampling_rate, language, tokenizer=None):
+    """``(processor, items, languages, inputs)``: waves for Whisper, prompt token ids for a language model."""
+    from .lm import LMInputs, TokenizerProcessor, is_causal_lm, lm_prompt_ids
+
+    if is_causal_lm(model):
+        if tokenizer is None:  # passed as the processor (Adapter(model, tokenizer)), or wrapped by an earlier call
+            tokenizer = processor.tokenizer if isinstance(processor, TokenizerProcessor) else processor
+        if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError("a language model needs its tokenizer: fastem.adapt(model, prompt, tokenizer=tokenizer)")
+        return TokenizerProcessor(tokenizer), [lm_prompt_ids(tokenizer, p) for p in audios], [None] * len(audios), \
+            LMInputs()
     from .checks import require_whisper
 
     require_whisper(model)
     processor = _resolve_processor(model, processor)
     waves = [_wave(a, sampling_rate) for a in audios]
-    return processor, waves, _languages(language, len(waves))
+    return processor, waves, _languages(language, len(waves)), WHISPER
 
 
 #: Utterances (or windows of a long recording) adapted together when no batch size is given: bounds the
@@ -322,21 +350,22 @@ def _join(parts: list[AdaptResult]) -> AdaptResult:
 
 
 def _run_recordings(model, processor, waves, languages, cfg: AdaptConfig, batch_size: int | None,
-                    run: Callable | None = None) -> list[AdaptResult]:
+                    run: Callable | None = None, inputs=WHISPER) -> list[AdaptResult]:
     """The front door: digital silence answered at once; recordings over 30 s cut into windows at pauses;
     every window through the pipeline (``run``, default :func:`_run`), ``batch_size`` at a time (one at a
     time for parameter sets that cannot adapt per utterance in a batch); the windows' results joined per
-    recording."""
+    recording.  A language model's prompts go through as they are."""
     from .audio import is_silent, split_windows
 
-    pieces: list[tuple[int, torch.Tensor]] = []  # (recording, window wave)
+    speech = inputs is WHISPER
+    pieces: list[tuple[int, object]] = []  # (recording, window wave or prompt)
     for i, w in enumerate(waves):
-        for lo, hi in split_windows(w):
-            pieces.append((i, w[lo:hi]))
+        for lo, hi in split_windows(w) if speech else [(None, None)]:
+            pieces.append((i, w[lo:hi] if speech else w))
     results: list[AdaptResult | None] = [None] * len(pieces)
     todo = []
     for j, (i, w) in enumerate(pieces):
-        if is_silent(w):
+        if speech and is_silent(w):
             results[j] = AdaptResult(text="", text_before="", tokens=[], tokens_before=[], language=languages[i],
                                      skipped="silence")
         else:
@@ -349,7 +378,8 @@ def _run_recordings(model, processor, waves, languages, cfg: AdaptConfig, batch_
         size = 1
     for lo in range(0, len(todo), size):
         idx = todo[lo:lo + size]
-        out = run(model, processor, [pieces[j][1] for j in idx], [languages[pieces[j][0]] for j in idx], cfg)
+        out = run(model, processor, [pieces[j][1] for j in idx], [languages[pieces[j][0]] for j in idx], cfg,
+                  inputs=inputs)
         for j, r in zip(idx, out):
             results[j] = r
     return [_join([r for (i, _), r in zip(pieces, results) if i == k]) for k in range(len(waves))]
@@ -363,10 +393,12 @@ def _config(config: AdaptConfig | None, overrides: dict) -> AdaptConfig:
 
 
 def adapt(model, audio, *, processor=None, sampling_rate: int | None = 16000, language: str | None = None,
-          config: AdaptConfig | None = None, **overrides) -> AdaptResult:
+          config: AdaptConfig | None = None, tokenizer=None, **overrides) -> AdaptResult:
     """Adapt ``model`` on one utterance by entropy minimization and return its transcripts.
 
     ``audio``: a 1-D float array/tensor at ``sampling_rate`` (resampled to 16 kHz if needed) or a path.
+    For a decoder-only language model (:mod:`fastem.lm`), a prompt instead (a string or chat messages)
+    with its ``tokenizer``; the result's ``text_before`` / ``text`` are its answers.
     ``config`` and keyword ``overrides`` (any :class:`AdaptConfig` field) set the method.  The call leaves
     every parameter value, ``requires_grad`` flag, ``.grad`` and train/eval mode exactly as they were
     (buffers are never written), also when it raises.  Digital silence returns an empty transcript without
@@ -374,12 +406,14 @@ def adapt(model, audio, *, processor=None, sampling_rate: int | None = 16000, la
     """
     cfg = _config(config, overrides)
     with _Exclusive(model):
-        processor, waves, languages = _prepare_inputs(model, processor, [audio], sampling_rate, language)
-        return _run_recordings(model, processor, waves, languages, cfg, 1)[0]
+        processor, items, languages, inputs = _prepare_inputs(model, processor, [audio], sampling_rate, language,
+                                                              tokenizer)
+        return _run_recordings(model, processor, items, languages, cfg, 1, inputs=inputs)[0]
 
 
 def adapt_batch(model, audios, *, processor=None, sampling_rate: int | None = 16000, language=None,
-                config: AdaptConfig | None = None, batch_size: int | None = None, **overrides) -> list[AdaptResult]:
+                config: AdaptConfig | None = None, batch_size: int | None = None, tokenizer=None,
+                **overrides) -> list[AdaptResult]:
     """Adapt on each of several utterances independently, ``batch_size`` at a time in one batched pipeline
     (default: :data:`MAX_BATCH`, 8).
 
@@ -395,8 +429,9 @@ def adapt_batch(model, audios, *, processor=None, sampling_rate: int | None = 16
     if not audios:
         return []
     with _Exclusive(model):
-        processor, waves, languages = _prepare_inputs(model, processor, audios, sampling_rate, language)
-        return _run_recordings(model, processor, waves, languages, cfg, batch_size)
+        processor, items, languages, inputs = _prepare_inputs(model, processor, audios, sampling_rate, language,
+                                                              tokenizer)
+        return _run_recordings(model, processor, items, languages, cfg, batch_size, inputs=inputs)
 
 
 def _decode_config(max_new_tokens, rules: dict) -> AdaptConfig:
@@ -414,9 +449,9 @@ def transcribe_batch(model, audios, *, processor=None, sampling_rate: int | None
         return []
     cfg = _decode_config(max_new_tokens, rules)
     with _Exclusive(model):
-        processor, waves, languages = _prepare_inputs(model, processor, audios, sampling_rate, language)
+        processor, items, languages, inputs = _prepare_inputs(model, processor, audios, sampling_rate, language)
         with torch.no_grad():
-            return [r.text for r in _run_recordings(model, processor, waves, languages, cfg, None)]
+            return [r.text for r in _run_recordings(model, processor, items, languages, cfg, None, inputs=inputs)]
 
 
 def transcribe(model, audio, *, processor=None, sampling_rate: int | None = 16000, language: str | None = None,

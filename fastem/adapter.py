@@ -119,15 +119,17 @@ class Adapter:
         :class:`fastem.AdaptResult`); a recording over 30 s is adapted window by window, in order."""
         self._check_open()
         with _Exclusive(self.model):
-            processor, waves, languages = _prepare_inputs(self.model, self.processor, [audio], sampling_rate, language)
+            processor, items, languages, inputs = _prepare_inputs(self.model, self.processor, [audio], sampling_rate,
+                                                                  language)
             self.processor = processor
-            return _run_recordings(self.model, processor, waves, languages, self.config, 1, run=self._window)[0]
+            return _run_recordings(self.model, processor, items, languages, self.config, 1, run=self._window,
+                                   inputs=inputs)[0]
 
-    def _window(self, model, processor, waves, languages, cfg) -> list[AdaptResult]:
+    def _window(self, model, processor, waves, languages, cfg, inputs) -> list[AdaptResult]:
         """One window through the pipeline with this adapter's state, then rollback and reset as the judge says."""
         saved = self._save()
         try:
-            result = _run(model, processor, waves, languages, cfg, self._state)[0]
+            result = _run(model, processor, waves, languages, cfg, self._state, inputs)[0]
         except BaseException:
             self._rollback(saved)
             raise

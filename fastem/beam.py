@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from .sampling import Head, Hypotheses, Prompt, _row_owner
-from .whisper import CrossKV, LayerNormOverrides, SelfKV, decoder_forward
+from .sampling import Head, Hypotheses, Prompt, _row_owner, max_positions
+from .whisper import CrossKV, LayerNormOverrides
 
 __all__ = ["beam_search"]
 
@@ -36,21 +36,20 @@ def beam_search(model, cross: CrossKV, prompts: list[Prompt], *, num_beams: int,
     t0 = time.perf_counter()
     n, k = len(prompts), num_beams
     head = head or Head(model)
-    device = cross.keys[0].device
+    device = cross.device
     plen = len(prompts[0].ids)
     if any(len(p.ids) != plen for p in prompts):
         raise ValueError("all prompts of a batch must have the same length")
     caps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
-    limits = [min(c, model.config.max_target_positions - plen) for c in caps]
+    limits = [min(c, max_positions(model) - plen) for c in caps]
     if min(limits) < 1:
         raise ValueError(f"no room to decode: prompt of {plen} tokens, max_new_tokens={max_new_tokens}")
     steps, eos, rows = max(limits), prompts[0].eos_id, n * k
     groups = [k] * n
     owner = _row_owner(groups, device)
     ln_owner = owner if over_rows is None else torch.tensor(over_rows, device=device)[owner]
-    cache = SelfKV(model, rows, plen + steps, device=device, dtype=cross.keys[0].dtype)
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(k, 0)
-    full = decoder_forward(model, prompt_ids, cross, groups, cache=cache, over=over, rows=ln_owner)
+    full, cache = cross.prefill(model, prompt_ids, groups, max_len=plen + steps, over=over, rows=ln_owner)
     hidden = full[:, -1]
     no_speech = None
     if no_speech_id is not None:
@@ -118,8 +117,7 @@ def beam_search(model, cross: CrossKV, prompts: list[Prompt], *, num_beams: int,
         seq_ent[:, t] = step_ent
         running = next_score
         cache.keep(flat_src)
-        hidden = decoder_forward(model, next_tok.reshape(-1, 1), cross, groups, cache=cache, over=over,
-                                 rows=ln_owner)[:, -1]
+        hidden = cross.step(model, next_tok.reshape(-1, 1), cache, groups, over=over, rows=ln_owner)[:, -1]
     width = max(f[0][1] if f else 1 for f in finished)
     tokens = torch.full((n, width), eos, dtype=torch.long, device=device)
     logp = torch.zeros((n, width), device=device)

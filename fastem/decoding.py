@@ -132,7 +132,7 @@ def transcripts(model, processor, cross, prompts: list[Prompt], budgets: list[in
             t.fallback = True
             todo.append(b)
     candidates: dict[int, list[Transcript]] = {b: [out[b]] for b in todo}
-    device = cross.keys[0].device
+    device = cross.device
     for temperature in TEMPERATURES:
         if not todo:
             break

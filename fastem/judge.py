@@ -277,7 +277,8 @@ def _vote(cfg, model, cases: list[Case]) -> None:
     """The second checkpoint's scores of each changed transcript, into each case's scores."""
     from .verifier import load_verifier, resolve_verifier, verifier_scores
 
-    name = resolve_verifier(cfg.verifier, model)
+    speech = getattr(model.config, "model_type", None) == "whisper"  # a second Whisper checkpoint votes on speech
+    name = resolve_verifier(cfg.verifier, model) if speech else None
     if name is None:
         for c in cases:
             c.scores["verifier_abstained"] = "no verifier for this model"

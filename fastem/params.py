@@ -25,10 +25,16 @@ def _in_stack(name: str, stack: str) -> bool:
     return f".{stack}." in f".{name}"
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer with a learnt scale: ``nn.LayerNorm`` or an RMSNorm (Llama, Qwen2, Gemma, ...)."""
+    return isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")
+                                                 and isinstance(getattr(module, "weight", None), nn.Parameter))
+
+
 def _layernorm_names(model: nn.Module) -> set[str]:
     names = set()
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, nn.LayerNorm):
+        if is_norm(mod):
             for p_name, _ in mod.named_parameters(recurse=False):
                 names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
     return names
@@ -54,7 +60,8 @@ def _encoder_layer_index(name: str) -> int | None:
 def select_parameters(model: nn.Module, which: ParamSpec = "layernorm") -> list[tuple[str, nn.Parameter]]:
     """The ``(name, parameter)`` pairs adapted for ``which``.
 
-    * ``"layernorm"``: weight and bias of every LayerNorm, encoder and decoder (as SUTA adapts).
+    * ``"layernorm"``: weight and bias of every LayerNorm, encoder and decoder (as SUTA adapts); in a
+      language model, every normalization layer (LayerNorm or RMSNorm).
     * ``"layernorm:decoder"`` / ``"layernorm:encoder"``: the LayerNorms of one stack.  With the
       decoder's alone the encoder runs once per utterance, not once per step.
     * ``"layernorm:topN"``: the decoder's LayerNorms and those of the top ``N`` encoder layers (and
@@ -221,6 +228,12 @@ class MasterWeights:
             m.grad = None
 
 
+def _own_forward(model: nn.Module) -> bool:
+    """Whether fastem runs the model's forward itself (Whisper), so that per-utterance LayerNorms can be applied;
+    a language model runs its own ``transformers`` forward, which reads the model's parameters."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "whisper"
+
+
 class Binding:
     """What the optimizer updates, and how the forward pass sees it.
 
@@ -236,7 +249,7 @@ class Binding:
         from .whisper import LayerNormOverrides
 
         self.named = named
-        lns = layernorm_modules(model, named)
+        lns = layernorm_modules(model, named) if _own_forward(model) else None
         if lns is not None:
             table = {}
             self.tensors = []
@@ -264,7 +277,7 @@ class Binding:
     @staticmethod
     def batchable(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> bool:
         """Whether this set adapts per utterance (several utterances in one batch)."""
-        return layernorm_modules(model, named) is not None
+        return _own_forward(model) and layernorm_modules(model, named) is not None
 
     @property
     def direct(self) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .whisper import CrossKV, LayerNormOverrides, SelfKV, decoder_forward
+from .whisper import CrossKV, LayerNormOverrides, decoder_forward
 
 __all__ = ["Prompt", "Hypotheses", "Head", "build_prompts", "decode", "score", "mean_logp", "language_code"]
 
@@ -203,6 +203,16 @@ def build_prompts(model, cross: CrossKV, languages: list[str | None], task: str 
     return prompts
 
 
+def max_positions(model) -> int:
+    """The longest sequence (prompt + continuation) the decoder takes."""
+    config = model.config
+    for name in ("max_target_positions", "max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return 4096
+
+
 def _row_owner(groups: list[int], device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(groups), device=device), torch.tensor(groups, device=device))
 
@@ -247,12 +257,12 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
     n = len(prompts)
     k = 1 if greedy else num_samples
     head = head or Head(model)
-    device = cross.keys[0].device
+    device = cross.device
     plen = len(prompts[0].ids)
     if any(len(p.ids) != plen for p in prompts):
         raise ValueError("all prompts of a batch must have the same length")
     caps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
-    room = model.config.max_target_positions - plen
+    room = max_positions(model) - plen
     limits = [min(c, room) for c in caps]
     if min(limits) < 1:
         raise ValueError(f"no room to decode: prompt of {plen} tokens, max_new_tokens={max_new_tokens}")
@@ -264,9 +274,8 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
     limit_row = torch.tensor(limits, device=device).repeat_interleave(k)
     steps = max(limits)
     eos = prompts[0].eos_id
-    cache = SelfKV(model, rows, plen + steps, device=device, dtype=cross.keys[0].dtype)
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(k, 0)
-    prompt_hidden = decoder_forward(model, prompt_ids, cross, groups, cache=cache, over=over, rows=ln_owner)
+    prompt_hidden, cache = cross.prefill(model, prompt_ids, groups, max_len=plen + steps, over=over, rows=ln_owner)
     hidden = prompt_hidden[:, -1]
     no_speech = None
     if no_speech_id is not None:  # after the start token, on the raw logits (as Whisper computes it)
@@ -300,8 +309,7 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
             cache.keep(keep)
             live, nxt = live[keep], nxt[keep]
         live_groups = torch.bincount(owner[live], minlength=n).tolist()
-        hidden = decoder_forward(model, nxt.unsqueeze(1), cross, live_groups, cache=cache, over=over,
-                                 rows=ln_owner[live])[:, -1]
+        hidden = cross.step(model, nxt.unsqueeze(1), cache, live_groups, over=over, rows=ln_owner[live])[:, -1]
     used = int(lengths.max())
     return Hypotheses(tokens=tokens[:, :used].clone(), lengths=lengths, logp=logps[:, :used].clone(), groups=groups,
                       seconds=time.perf_counter() - t0, entropy=entropy[:, :used].clone() if greedy else None,
@@ -316,8 +324,8 @@ def teacher_forced_hidden(model, cross: CrossKV, prompts: list[Prompt], hyps: Hy
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(
         torch.tensor(hyps.groups, device=device), dim=0)
     ids = torch.cat([prompt_ids, hyps.tokens[:, :-1]], dim=1)
-    hidden = decoder_forward(model, ids, cross, hyps.groups, over=over,
-                             rows=_row_owner(hyps.groups, device) if over is not None else None)
+    hidden = cross.forward(model, ids, hyps.groups, over=over,
+                           rows=_row_owner(hyps.groups, device) if over is not None else None)
     return hidden[:, plen - 1:]
 
 
@@ -360,7 +368,7 @@ def mean_logp(model, cross: CrossKV, prompts: list[Prompt], tokens: list[list[li
     per = len(tokens[0])
     rows = [t + [eos] for group in tokens for t in group]
     width = max(len(r) for r in rows)
-    device = cross.keys[0].device
+    device = cross.device
     ids = torch.full((len(rows), width), eos, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, device=device)

@@ -129,6 +129,25 @@ class CrossKV:
         sel = torch.tensor(index, device=self.keys[0].device, dtype=torch.long)
         return CrossKV([k.index_select(0, sel) for k in self.keys], [v.index_select(0, sel) for v in self.values])
 
+    # -- the decoder context interface (what the sampler, beam search and scoring call) ----------------
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    def prefill(self, model, ids: torch.Tensor, groups: list[int], *, max_len: int, over=None, rows=None):
+        """Run the prompts ``ids [R, P]`` into a new self-attention cache for ``max_len`` positions; returns
+        ``(hidden [R, P, D], cache)``."""
+        cache = SelfKV(model, ids.shape[0], max_len, device=ids.device, dtype=self.keys[0].dtype)
+        return decoder_forward(model, ids, self, groups, cache=cache, over=over, rows=rows), cache
+
+    def step(self, model, ids: torch.Tensor, cache: "SelfKV", groups: list[int], *, over=None, rows=None):
+        """Continue the cached rows by ``ids [R, 1]``: hidden states ``[R, 1, D]``."""
+        return decoder_forward(model, ids, self, groups, cache=cache, over=over, rows=rows)
+
+    def forward(self, model, ids: torch.Tensor, groups: list[int], *, over=None, rows=None) -> torch.Tensor:
+        """Whole sequences ``ids [R, T]`` from position 0 (causal, differentiable): hidden states ``[R, T, D]``."""
+        return decoder_forward(model, ids, self, groups, over=over, rows=rows)
+
 
 def cross_kv(model, enc: torch.Tensor) -> CrossKV:
     """Project the encoder output ``[B, S, D]`` to each decoder layer's cross-attention keys/values."""
@@ -154,7 +173,7 @@ class SelfKV:
         self.length = 0
 
     def keep(self, index: torch.Tensor) -> None:
-        """Keep only the rows ``index`` (in that order)."""
+        """Keep only the rows ``index`` (in that order; repeated rows are copied, as beam search needs)."""
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
 

@@ -277,6 +277,13 @@ def test_whisper_vocabulary(dtype, seed):
     check_problem(*make_problem(6, 32, 51_865, gen), dtype, seed, gen)
 
 
+@pytest.mark.parametrize("V", [49_152, pytest.param(151_936, marks=pytest.mark.slow)])
+def test_language_model_vocabularies(V, seed):
+    """SmolLM2's vocabulary (49152) in the default run, Qwen2.5's (151936) with the slow checks."""
+    gen = kt.generator(seed)
+    check_problem(*make_problem(3, 32, V, gen), torch.bfloat16, seed, gen)
+
+
 # ------------------------------------------------------------------ GPU only
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
