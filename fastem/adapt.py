@@ -111,7 +111,7 @@ class _Call:
     processor: object
     cfg: AdaptConfig
     state: State | None
-    waves: list[torch.Tensor]
+    waves: list                    # Whisper: 16 kHz mono waves; a language model: prompt token ids
     languages: list[str | None]
     seconds: list[float]
     budgets: list[int]
