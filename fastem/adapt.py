@@ -139,8 +139,8 @@ class _WhisperInputs:
 
         return [w.numel() / SAMPLE_RATE for w in waves]
 
-    def budgets(self, cfg: AdaptConfig, waves) -> list[int]:
-        return [cfg.max_new_tokens if cfg.max_new_tokens is not None else int(10 * s) + 20 for s in self.seconds(waves)]
+    def budgets(self, cfg: AdaptConfig, seconds: list[float]) -> list[int]:
+        return [cfg.max_new_tokens if cfg.max_new_tokens is not None else int(10 * s) + 20 for s in seconds]
 
     def rules(self, cfg: AdaptConfig):
         return cfg.decode_rules
@@ -166,8 +166,9 @@ def _prepare(model, processor, waves, languages, cfg: AdaptConfig, state: State 
     snapshot = ModelSnapshot(model, binding.direct_params)
     source = (state.source if state is not None and state.source is not None else snapshot) if binding.direct else None
     learnt = state is not None and state.source is not None and state.steps_taken > 0
-    return _Call(model, processor, cfg, state, waves, languages, inputs.seconds(waves), inputs.budgets(cfg, waves),
-                 binding, snapshot, source, learnt, Head(model), inputs)
+    seconds = inputs.seconds(waves)
+    return _Call(model, processor, cfg, state, waves, languages, seconds, inputs.budgets(cfg, seconds), binding,
+                 snapshot, source, learnt, Head(model), inputs)
 
 
 def _encode(call: _Call) -> None:

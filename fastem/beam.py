@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .sampling import Head, Hypotheses, Prompt, _row_owner, max_positions
+from .sampling import Head, Hypotheses, Prompt, start_rows
 from .whisper import CrossKV, LayerNormOverrides
 
 __all__ = ["beam_search"]
@@ -37,23 +37,10 @@ def beam_search(model, cross: CrossKV, prompts: list[Prompt], *, num_beams: int,
     n, k = len(prompts), num_beams
     head = head or Head(model)
     device = cross.device
-    plen = len(prompts[0].ids)
-    if any(len(p.ids) != plen for p in prompts):
-        raise ValueError("all prompts of a batch must have the same length")
-    caps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
-    limits = [min(c, max_positions(model) - plen) for c in caps]
-    if min(limits) < 1:
-        raise ValueError(f"no room to decode: prompt of {plen} tokens, max_new_tokens={max_new_tokens}")
+    start = start_rows(model, cross, prompts, k, max_new_tokens, over=over, over_rows=over_rows, head=head,
+                       no_speech_id=no_speech_id)
+    limits, groups, ln_owner, hidden, cache = start.limits, start.groups, start.ln_owner, start.hidden, start.cache
     steps, eos, rows = max(limits), prompts[0].eos_id, n * k
-    groups = [k] * n
-    owner = _row_owner(groups, device)
-    ln_owner = owner if over_rows is None else torch.tensor(over_rows, device=device)[owner]
-    prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(k, 0)
-    full, cache = cross.prefill(model, prompt_ids, groups, max_len=plen + steps, over=over, rows=ln_owner)
-    hidden = full[:, -1]
-    no_speech = None
-    if no_speech_id is not None:
-        no_speech = torch.softmax(head.logits(full[torch.arange(n, device=device) * k, 0]), -1)[:, no_speech_id].tolist()
     first_bias, bias = prompts[0].biases(head.vocab_size, device)
     running = torch.full((n, k), float("-inf"), device=device)
     running[:, 0] = 0.0  # one live beam to start from
@@ -127,4 +114,4 @@ def beam_search(model, cross: CrossKV, prompts: list[Prompt], *, num_beams: int,
         _, length, toks, lps, ents = f[0]
         tokens[b, :length], logp[b, :length], ent[b, :length], lengths[b] = toks, lps, ents, length
     return Hypotheses(tokens=tokens, lengths=lengths, logp=logp, groups=[1] * n, seconds=time.perf_counter() - t0,
-                      entropy=ent, no_speech=no_speech)
+                      entropy=ent, no_speech=start.no_speech)

@@ -147,8 +147,8 @@ class LMInputs:
     def seconds(self, items) -> list[float]:
         return [0.0 for _ in items]
 
-    def budgets(self, cfg, items) -> list[int]:
-        return [cfg.max_new_tokens or DEFAULT_NEW_TOKENS for _ in items]
+    def budgets(self, cfg, seconds) -> list[int]:
+        return [cfg.max_new_tokens or DEFAULT_NEW_TOKENS for _ in seconds]
 
     def rules(self, cfg) -> DecodeRules:
         return DecodeRules(None, None, None)

@@ -217,6 +217,48 @@ def _row_owner(groups: list[int], device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(groups), device=device), torch.tensor(groups, device=device))
 
 
+@dataclass
+class Started:
+    """``k`` rows per utterance with their prompts run into a cache: what the sampler and beam search start from.
+
+    ``limits``: each utterance's token budget (within the decoder's positions); ``owner`` / ``ln_owner``: each
+    row's utterance, and its row of the per-utterance LayerNorm tables; ``hidden [R, D]``: the last prompt
+    position's hidden state; ``no_speech``: Whisper's no-speech probability per utterance (when asked)."""
+
+    limits: list[int]
+    groups: list[int]
+    owner: torch.Tensor
+    ln_owner: torch.Tensor
+    hidden: torch.Tensor
+    cache: object
+    no_speech: list[float] | None
+
+
+def start_rows(model, cross, prompts: list[Prompt], k: int, max_new_tokens: int | list[int], *,
+               over: LayerNormOverrides | None, over_rows: list[int] | None, head: Head,
+               no_speech_id: int | None) -> Started:
+    """Check the prompts and budgets, and prefill ``k`` rows per utterance (see :class:`Started`)."""
+    n, device = len(prompts), cross.device
+    plen = len(prompts[0].ids)
+    if any(len(p.ids) != plen for p in prompts):
+        raise ValueError("all prompts of a batch must have the same length")
+    caps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+    room = max_positions(model) - plen
+    limits = [min(c, room) for c in caps]
+    if min(limits) < 1:
+        raise ValueError(f"no room to decode: prompt of {plen} tokens, max_new_tokens={max_new_tokens}")
+    groups = [k] * n
+    owner = _row_owner(groups, device)
+    ln_owner = owner if over_rows is None else torch.tensor(over_rows, device=device)[owner]
+    prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(k, 0)
+    prompt_hidden, cache = cross.prefill(model, prompt_ids, groups, max_len=plen + max(limits), over=over, rows=ln_owner)
+    no_speech = None
+    if no_speech_id is not None:  # after the start token, on the raw logits (as Whisper computes it)
+        first = torch.arange(n, device=device) * k
+        no_speech = torch.softmax(head.logits(prompt_hidden[first, 0]), dim=-1)[:, no_speech_id].tolist()
+    return Started(limits, groups, owner, ln_owner, prompt_hidden[:, -1], cache, no_speech)
+
+
 def _sample(probs: torch.Tensor, owner: torch.Tensor, live: torch.Tensor, k: int,
             generators: list[torch.Generator | None]) -> torch.Tensor:
     """One draw per live row; utterance ``b`` draws for all its ``k`` rows from its own generator (rows
@@ -258,29 +300,15 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
     k = 1 if greedy else num_samples
     head = head or Head(model)
     device = cross.device
-    plen = len(prompts[0].ids)
-    if any(len(p.ids) != plen for p in prompts):
-        raise ValueError("all prompts of a batch must have the same length")
-    caps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
-    room = max_positions(model) - plen
-    limits = [min(c, room) for c in caps]
-    if min(limits) < 1:
-        raise ValueError(f"no room to decode: prompt of {plen} tokens, max_new_tokens={max_new_tokens}")
+    start = start_rows(model, cross, prompts, k, max_new_tokens, over=over, over_rows=over_rows, head=head,
+                       no_speech_id=no_speech_id)
+    limits, groups, owner, ln_owner, hidden, cache = (start.limits, start.groups, start.owner, start.ln_owner,
+                                                      start.hidden, start.cache)
     generators = list(generators) if generators is not None else [None] * n
-    groups = [k] * n
     rows = n * k
-    owner = _row_owner(groups, device)
-    ln_owner = owner if over_rows is None else torch.tensor(over_rows, device=device)[owner]
     limit_row = torch.tensor(limits, device=device).repeat_interleave(k)
     steps = max(limits)
     eos = prompts[0].eos_id
-    prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(k, 0)
-    prompt_hidden, cache = cross.prefill(model, prompt_ids, groups, max_len=plen + steps, over=over, rows=ln_owner)
-    hidden = prompt_hidden[:, -1]
-    no_speech = None
-    if no_speech_id is not None:  # after the start token, on the raw logits (as Whisper computes it)
-        first = torch.arange(n, device=device) * k
-        no_speech = torch.softmax(head.logits(prompt_hidden[first, 0]), dim=-1)[:, no_speech_id].tolist()
     first_bias, bias = prompts[0].biases(head.vocab_size, device)
     tokens = torch.full((rows, steps), eos, dtype=torch.long, device=device)
     logps = torch.zeros((rows, steps), device=device)
@@ -313,7 +341,7 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
     used = int(lengths.max())
     return Hypotheses(tokens=tokens[:, :used].clone(), lengths=lengths, logp=logps[:, :used].clone(), groups=groups,
                       seconds=time.perf_counter() - t0, entropy=entropy[:, :used].clone() if greedy else None,
-                      no_speech=no_speech)
+                      no_speech=start.no_speech)
 
 
 def teacher_forced_hidden(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *,
