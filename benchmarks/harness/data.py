@@ -283,9 +283,7 @@ def write_synthetic_dataset(root: str | os.PathLike, *, utts_per_corpus: int = 3
         return root
 
     rng = np.random.default_rng(1234)
-    nd = root / "noise"
-    nd.mkdir(parents=True, exist_ok=True)
-    lines = ["id\tpath\tsource\tlicense\tduration_s"]
+    noises = {}
     for name in ("doing_the_dishes", "exercise_bike", "running_tap", "white_noise", "pink_noise"):
         n = SAMPLE_RATE * 6
         x = rng.standard_normal(n)
@@ -295,23 +293,32 @@ def write_synthetic_dataset(root: str | os.PathLike, *, utts_per_corpus: int = 3
             x = np.fft.irfft(spec, n)
         elif name != "white_noise":
             x = x * (0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(0.5, 3) * np.arange(n) / SAMPLE_RATE))
-        x = (0.5 * x / np.max(np.abs(x))).astype(np.float32)
-        sf.write(str(nd / f"{name}.flac"), x, SAMPLE_RATE, subtype="PCM_16")
-        lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{n / SAMPLE_RATE:.3f}")
-    (nd / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    rd = root / "rir"
-    rd.mkdir(parents=True, exist_ok=True)
-    lines = ["id\tpath\tsource\tlicense\tduration_s"]
-    for name, t60, pre in (("rir_clap", 0.3, 40), ("openair_medium_hall", 0.8, 200)):
-        n = int(SAMPLE_RATE * t60 * 1.2)
-        h = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / (SAMPLE_RATE * t60))
-        h = np.concatenate([np.zeros(pre), [1.0], 0.3 * h])
-        h = (0.9 * h / np.max(np.abs(h))).astype(np.float32)
-        sf.write(str(rd / f"{name}.flac"), h, SAMPLE_RATE, subtype="PCM_16")
-        lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{h.size / SAMPLE_RATE:.3f}")
-    (rd / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        noises[name] = (0.5 * x / np.max(np.abs(x))).astype(np.float32)
+    _write_resources(root, "noise", noises)
+    _write_resources(root, "rir", {name: _synth_rir(rng, t60, pre)
+                                   for name, t60, pre in (("rir_clap", 0.3, 40), ("openair_medium_hall", 0.8, 200))})
     return root
+
+
+def _synth_rir(rng: np.random.Generator, t60: float, pre: int) -> np.ndarray:
+    """A synthetic room impulse response: ``pre`` silent samples, a direct tap, decaying noise (peak 0.9)."""
+    n = int(SAMPLE_RATE * t60 * 1.2)
+    h = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / (SAMPLE_RATE * t60))
+    h = np.concatenate([np.zeros(pre), [1.0], 0.3 * h])
+    return (0.9 * h / np.max(np.abs(h))).astype(np.float32)
+
+
+def _write_resources(root: Path, kind: str, clips: dict[str, np.ndarray]) -> None:
+    """``<root>/<kind>/<name>.flac`` for each clip and the folder's manifest (``noise`` or ``rir`` layout)."""
+    import soundfile as sf
+
+    folder = root / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["id\tpath\tsource\tlicense\tduration_s"]
+    for name, x in clips.items():
+        sf.write(str(folder / f"{name}.flac"), x, SAMPLE_RATE, subtype="PCM_16")
+        lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{x.size / SAMPLE_RATE:.3f}")
+    (folder / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 #: seconds of the CONFIRM noises that are shorter than most utterances (the others are written 6 s long)
@@ -321,32 +328,15 @@ _CONFIRM_SHORT_NOISES = {"am_friction1": 0.348, "am_130921_laptopmic-dell_tap_ch
 
 def _write_synthetic_confirm_resources(root: Path) -> None:
     """Noise and rir folders with CONFIRM's ids (harness.domains.CONFIRM_NOISES / CONFIRM_RIRS), synthetic audio."""
-    import soundfile as sf
-
     from .domains import CONFIRM_NOISES, CONFIRM_RIRS  # a function-level import: domains imports this module
 
     rng = np.random.default_rng(4321)
-    nd = root / "noise"
-    nd.mkdir(parents=True, exist_ok=True)
-    lines = ["id\tpath\tsource\tlicense\tduration_s"]
+    noises = {}
     for name in CONFIRM_NOISES.values():
         n = int(round(SAMPLE_RATE * _CONFIRM_SHORT_NOISES.get(name, 6.0)))
         t = np.arange(n) / SAMPLE_RATE
         x = rng.standard_normal(n) * (0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(0.5, 3) * t))
-        x = (0.5 * x / np.max(np.abs(x))).astype(np.float32)
-        sf.write(str(nd / f"{name}.flac"), x, SAMPLE_RATE, subtype="PCM_16")
-        lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{n / SAMPLE_RATE:.3f}")
-    (nd / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    rd = root / "rir"
-    rd.mkdir(parents=True, exist_ok=True)
-    lines = ["id\tpath\tsource\tlicense\tduration_s"]
-    for k, name in enumerate(CONFIRM_RIRS.values()):
-        t60, pre = 0.2 + 0.3 * k, 10 + 60 * k
-        n = int(SAMPLE_RATE * t60 * 1.2)
-        h = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / (SAMPLE_RATE * t60))
-        h = np.concatenate([np.zeros(pre), [1.0], 0.3 * h])
-        h = (0.9 * h / np.max(np.abs(h))).astype(np.float32)
-        sf.write(str(rd / f"{name}.flac"), h, SAMPLE_RATE, subtype="PCM_16")
-        lines.append(f"{name}\t{name}.flac\tsynthetic\tnone\t{h.size / SAMPLE_RATE:.3f}")
-    (rd / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        noises[name] = (0.5 * x / np.max(np.abs(x))).astype(np.float32)
+    _write_resources(root, "noise", noises)
+    _write_resources(root, "rir", {name: _synth_rir(rng, 0.2 + 0.3 * k, 10 + 60 * k)
+                                   for k, name in enumerate(CONFIRM_RIRS.values())})
