@@ -440,23 +440,25 @@ def _decode_config(max_new_tokens, rules: dict) -> AdaptConfig:
 
 
 def transcribe_batch(model, audios, *, processor=None, sampling_rate: int | None = 16000, language=None,
-                     max_new_tokens: int | None = None, **rules) -> list[str]:
+                     max_new_tokens: int | None = None, tokenizer=None, **rules) -> list[str]:
     """Transcripts without adaptation (the decoding path ``adapt`` uses: greedy, or ``num_beams=k`` beam
     search, with Whisper's fallback and no-speech rules, whose thresholds ``compression_ratio_threshold``,
     ``logprob_threshold`` and ``no_speech_threshold`` can be given, None switching one off), all utterances
-    in one batch."""
+    in one batch.  A causal language model takes prompts and its ``tokenizer`` instead (greedy answers)."""
     audios = list(audios)
     if not audios:
         return []
     cfg = _decode_config(max_new_tokens, rules)
     with _Exclusive(model):
-        processor, items, languages, inputs = _prepare_inputs(model, processor, audios, sampling_rate, language)
+        processor, items, languages, inputs = _prepare_inputs(model, processor, audios, sampling_rate, language,
+                                                              tokenizer)
         with torch.no_grad():
             return [r.text for r in _run_recordings(model, processor, items, languages, cfg, None, inputs=inputs)]
 
 
 def transcribe(model, audio, *, processor=None, sampling_rate: int | None = 16000, language: str | None = None,
-               max_new_tokens: int | None = None, **rules) -> str:
-    """The transcript of one utterance, no adaptation (see :func:`transcribe_batch`)."""
+               max_new_tokens: int | None = None, tokenizer=None, **rules) -> str:
+    """The transcript of one utterance (or a language model's answer to one prompt), no adaptation (see
+    :func:`transcribe_batch`)."""
     return transcribe_batch(model, [audio], processor=processor, sampling_rate=sampling_rate, language=language,
-                            max_new_tokens=max_new_tokens, **rules)[0]
+                            max_new_tokens=max_new_tokens, tokenizer=tokenizer, **rules)[0]

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import judge as _judge
 from .decoding import DecodeRules
-from .objective import BASELINES, OBJECTIVES
+from .objective import BASELINES, OBJECTIVES, POLICY_OBJECTIVES
 from .params import check_param_spec
 
 __all__ = ["AdaptConfig", "AdaptResult"]
@@ -28,7 +28,8 @@ class AdaptConfig:
                     "layernorm:decoder", "layernorm:encoder", "layernorm:topN", "decoder", "encoder",
                     "all", or a callable ``(name, parameter) -> bool`` (:mod:`fastem.params`).
     objective:      "em" (the exact sequence entropy, default), "entropy" (token entropy at fixed
-                    prefixes), "pg" (policy gradient with the sequence entropy as cost), "suta" (SUTA);
+                    prefixes), "pg" (policy gradient with the sequence entropy as cost), "suta" (SUTA),
+                    "random" (policy gradient with a coin-flip reward: the control that no signal gives);
                     see :mod:`fastem.objective`.
     num_beams:      1 decodes greedily (default); k > 1 decodes every transcript (the source model's, the
                     adapted one) by beam search with k beams, as ``generate(num_beams=k)`` does.
@@ -127,13 +128,13 @@ class AdaptConfig:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.hypotheses not in ("auto", "sample", "greedy"):
             raise ValueError(f"hypotheses must be 'auto', 'sample' or 'greedy', got {self.hypotheses!r}")
-        if self.objective in ("em", "pg") and self.hypotheses == "greedy":
+        if self.objective in POLICY_OBJECTIVES and self.hypotheses == "greedy":
             raise ValueError(f"objective={self.objective!r} needs sampled hypotheses: its policy-gradient term "
                              "estimates nothing on the deterministic greedy hypothesis (use hypotheses='sample', "
                              "or objective='entropy')")
         if self.objective == "suta" and self.hypotheses == "sample":
             raise ValueError("objective='suta' adapts on the greedy pseudo-label (hypotheses='greedy' or 'auto')")
-        if self.objective in ("em", "pg") and self.baseline == "loo" and self.num_samples < 2:
+        if self.objective in POLICY_OBJECTIVES and self.baseline == "loo" and self.num_samples < 2:
             raise ValueError("baseline='loo' needs num_samples >= 2 (with one sample it is no baseline): raise "
                              "num_samples or pass baseline='none'")
         check_param_spec(self.params)

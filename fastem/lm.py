@@ -54,17 +54,38 @@ class _Cache:
 
 
 class LMContext:
-    """A causal LM's decoder context: its own forward (the base model) with a KV cache."""
+    """A causal LM's decoder context: its own forward (the base model) with a KV cache.
 
-    def __init__(self, device: torch.device):
+    Built by :meth:`read`, it holds the key/value cache of the prompt's tokens but the last (its
+    ``prefix``), computed once under the parameters of the moment (differentiable when gradients are on,
+    as Whisper's cross-attention keys are): every row that continues the prompt (``K`` samples, the
+    teacher-forced scoring, beam search) starts from that cache instead of re-reading the prompt, and the
+    gradient of all of them flows back through the one prompt pass.  Without a prefix each call reads the
+    whole sequence."""
+
+    def __init__(self, device: torch.device, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 prefix_ids: torch.Tensor | None = None):
         self._device = device
+        self.prefix = prefix
+        self.prefix_ids = prefix_ids
+
+    @classmethod
+    def read(cls, model, prompt_ids, device: torch.device) -> "LMContext":
+        """The context of one prompt (token ids): its first ``P - 1`` tokens run into the prefix cache."""
+        ids = torch.tensor([list(prompt_ids)[:-1]], device=device, dtype=torch.long)
+        if ids.shape[1] == 0:
+            return cls(device)
+        cache = model.base_model(input_ids=ids, use_cache=True).cache
+        return cls(device, [(layer.keys, layer.values) for layer in cache.layers], ids)
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def detach(self) -> "LMContext":
-        return self
+        if self.prefix is None:
+            return self
+        return LMContext(self._device, [(k.detach(), v.detach()) for k, v in self.prefix], self.prefix_ids)
 
     def select(self, index) -> "LMContext":
         return self
@@ -74,9 +95,26 @@ class LMContext:
         if over is not None:
             raise ValueError("a language model adapts its parameters in place (no per-utterance copies)")
 
+    def _start(self, model, ids: torch.Tensor):
+        """``(skip, cache)``: how many leading positions of ``ids`` the prefix holds, and a cache of it for
+        every row (``(0, None)`` without a prefix)."""
+        if self.prefix is None:
+            return 0, None
+        from transformers import DynamicCache
+
+        skip = self.prefix_ids.shape[1]
+        if ids.shape[1] <= skip or not bool((ids[:, :skip] == self.prefix_ids).all()):
+            raise ValueError("the sequences do not continue the prompt this context was read from")
+        rows = ids.shape[0]
+        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.prefix]
+        return skip, DynamicCache(ddp_cache_data=data, config=model.config)
+
     def prefill(self, model, ids: torch.Tensor, groups, *, max_len: int, over=None, rows=None):
+        """Run the prompts ``ids [R, P]`` into a cache; returns ``(hidden, cache)``, ``hidden`` the hidden states
+        of the prompt's last positions (at least the last)."""
         self._plain(over)
-        out = model.base_model(input_ids=ids, use_cache=True)
+        skip, cache = self._start(model, ids)
+        out = model.base_model(input_ids=ids[:, skip:], cache=cache, use_cache=True)
         return out.last_hidden_state, _Cache(out.cache)
 
     def step(self, model, ids: torch.Tensor, cache: _Cache, groups, *, over=None, rows=None) -> torch.Tensor:
@@ -85,20 +123,29 @@ class LMContext:
         cache.kv = out.cache
         return out.last_hidden_state
 
-    def forward(self, model, ids: torch.Tensor, groups, *, over=None, rows=None) -> torch.Tensor:
+    def forward(self, model, ids: torch.Tensor, groups, *, over=None, rows=None, start: int = 0) -> torch.Tensor:
+        """Whole sequences ``ids [R, T]`` (causal, differentiable): the hidden states of positions ``start``
+        onwards, ``[R, T - start, D]``."""
         self._plain(over)
-        return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        skip, cache = 0, None
+        if self.prefix is not None and start >= self.prefix_ids.shape[1]:
+            skip, cache = self._start(model, ids)
+        hidden = model.base_model(input_ids=ids[:, skip:], cache=cache, use_cache=cache is not None).last_hidden_state
+        return hidden[:, start - skip:]
 
 
 @dataclass
 class _LMEncoder:
-    """What the pipeline asks of Whisper's encoder split, for a language model: one context, unchanged by
-    adaptation (the prompt is re-read through the adapted model at every forward)."""
+    """What the pipeline asks of Whisper's encoder split, for a language model: the prompt's context, read
+    again under the adapted parameters (:meth:`adapted_cross`)."""
 
     cross: LMContext
+    prompt: list[int] | None = None  # the one prompt the context was read from (None: no prefix)
 
     def adapted_cross(self, model, over, *, short: bool = False) -> LMContext:
-        return self.cross
+        if self.prompt is None:
+            return self.cross
+        return LMContext.read(model, self.prompt, self.cross.device)
 
     def select(self, index) -> "_LMEncoder":
         return self
@@ -154,10 +201,14 @@ class LMInputs:
         return DecodeRules(None, None, None)
 
     def encode(self, call) -> None:
-        model = call.model
+        model, device = call.model, call.head.weight.device
         eos = _eos(model, call.processor.tokenizer)
-        call.encoder = _LMEncoder(LMContext(call.head.weight.device))
         call.prompts = [Prompt(ids=list(ids), eos_id=eos) for ids in call.waves]
+        if len(call.prompts) == 1:  # one prompt: its context is read once and shared by every row
+            with torch.no_grad(), call.source_model(call.learnt):
+                call.encoder = _LMEncoder(LMContext.read(model, call.prompts[0].ids, device), call.prompts[0].ids)
+        else:
+            call.encoder = _LMEncoder(LMContext(device))
 
 
 def load_lm(name: str = "smollm2-135m", *, device=None, dtype=None):

@@ -97,7 +97,7 @@ class Encoder:
 
 
 def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Binding,
-            head: Head) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+            head: Head, generators) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Each utterance's loss, and the hypotheses' per-token entropy and mask (for the history)."""
     if cfg.objective == "suta":
         hidden = teacher_forced_hidden(model, cross, prompts, hyps, over=binding.over)
@@ -119,7 +119,7 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
     for b in range(len(prompts)):
         s = hyps.rows_of(b)
         losses.append(em_loss(entropy[s], logp[s], mask[s], objective=cfg.objective, baseline=cfg.baseline,
-                              reduction=cfg.reduction))
+                              reduction=cfg.reduction, generator=generators[b] if generators else None))
     return losses, entropy.detach(), mask
 
 
@@ -135,7 +135,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)
-        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head)
+        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
         finite = torch.tensor([bool(torch.isfinite(loss)) for loss in losses])
         if bool(finite.any()):
             sum(loss for loss, f in zip(losses, finite) if f).backward()

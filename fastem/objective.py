@@ -32,6 +32,12 @@ after it does not):
     token: the score-function term alone, with the whole-sequence cost instead of the cost-to-go and
     without the direct entropy gradient.  Also biased for ``H(Y|x)``.
 
+``objective="random"`` (the random-reward control)
+    ``L = 1/K sum_k sum_s sg(R^k - b^k) logp_s^k`` with ``R^k`` drawn 0 or 1 with equal odds, independently
+    of the sample (from ``generator``): the same update rule as ``pg`` with a reward that carries no
+    information.  Its expected gradient is zero; a task score that moves under it moves for reasons other
+    than the signal (the spurious-reward control of the language-model literature).
+
 Baselines (subtracted from the cost; none changes the expectation except where noted):
 
 * ``"none"``: ``b = 0``.
@@ -52,12 +58,14 @@ from __future__ import annotations
 
 import torch
 
-SEQUENCE_OBJECTIVES = ("em", "entropy", "pg")  # what em_loss computes
+SEQUENCE_OBJECTIVES = ("em", "entropy", "pg", "random")  # what em_loss computes
+#: the objectives with a policy-gradient term (they need sampled hypotheses)
+POLICY_OBJECTIVES = ("em", "pg", "random")
 OBJECTIVES = SEQUENCE_OBJECTIVES + ("suta",)
 BASELINES = ("none", "loo", "mean")
 REDUCTIONS = ("sum", "mean")
 
-__all__ = ["OBJECTIVES", "SEQUENCE_OBJECTIVES", "BASELINES", "REDUCTIONS", "em_loss", "cost_to_go", "entropy_rows",
+__all__ = ["OBJECTIVES", "SEQUENCE_OBJECTIVES", "POLICY_OBJECTIVES", "BASELINES", "REDUCTIONS", "em_loss", "cost_to_go", "entropy_rows",
            "mcc_loss", "suta_loss"]
 
 
@@ -77,11 +85,12 @@ def _baseline(cost: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def em_loss(entropy: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, *, objective: str = "em",
-            baseline: str = "loo", reduction: str = "sum") -> torch.Tensor:
+            baseline: str = "loo", reduction: str = "sum", generator: torch.Generator | None = None) -> torch.Tensor:
     """Surrogate loss for ``K`` sampled sequences of one input; see the module docstring.
 
     ``entropy``, ``logp``: ``[K, T]`` per-token entropy and log-prob of the sampled token,
-    differentiable.  ``mask``: ``[K, T]`` bool/0-1, true for real tokens (EOS included).
+    differentiable.  ``mask``: ``[K, T]`` bool/0-1, true for real tokens (EOS included).  ``generator``
+    draws the random rewards of ``objective="random"`` (the global generator when None).
     """
     if objective not in SEQUENCE_OBJECTIVES:
         raise ValueError(f"em_loss objective must be one of {SEQUENCE_OBJECTIVES}, got {objective!r}")
@@ -97,9 +106,16 @@ def em_loss(entropy: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, *, ob
     total = torch.zeros((), dtype=entropy.dtype, device=entropy.device)
     if objective in ("em", "entropy"):
         total = total + ent.sum()
-    if objective in ("em", "pg"):
+    if objective in POLICY_OBJECTIVES:
         h = ent.detach()
-        cost = cost_to_go(h) if objective == "em" else h.sum(-1, keepdim=True).expand_as(h)
+        if objective == "em":
+            cost = cost_to_go(h)
+        elif objective == "pg":
+            cost = h.sum(-1, keepdim=True).expand_as(h)
+        else:  # "random": a fair coin per sample, whatever it says
+            device = generator.device if generator is not None else h.device
+            coin = torch.randint(0, 2, (h.shape[0], 1), generator=generator, device=device)
+            cost = coin.to(device=h.device, dtype=h.dtype).expand_as(h)
         advantage = (cost - _baseline(cost, baseline)) * m
         total = total + (advantage * (logp * m)).sum()
     if reduction == "sum":

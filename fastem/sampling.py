@@ -352,9 +352,8 @@ def teacher_forced_hidden(model, cross: CrossKV, prompts: list[Prompt], hyps: Hy
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(
         torch.tensor(hyps.groups, device=device), dim=0)
     ids = torch.cat([prompt_ids, hyps.tokens[:, :-1]], dim=1)
-    hidden = cross.forward(model, ids, hyps.groups, over=over,
-                           rows=_row_owner(hyps.groups, device) if over is not None else None)
-    return hidden[:, plen - 1:]
+    return cross.forward(model, ids, hyps.groups, over=over,
+                         rows=_row_owner(hyps.groups, device) if over is not None else None, start=plen - 1)
 
 
 def score(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *, temperature: float = 1.0,

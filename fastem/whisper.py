@@ -144,9 +144,11 @@ class CrossKV:
         """Continue the cached rows by ``ids [R, 1]``: hidden states ``[R, 1, D]``."""
         return decoder_forward(model, ids, self, groups, cache=cache, over=over, rows=rows)
 
-    def forward(self, model, ids: torch.Tensor, groups: list[int], *, over=None, rows=None) -> torch.Tensor:
-        """Whole sequences ``ids [R, T]`` from position 0 (causal, differentiable): hidden states ``[R, T, D]``."""
-        return decoder_forward(model, ids, self, groups, over=over, rows=rows)
+    def forward(self, model, ids: torch.Tensor, groups: list[int], *, over=None, rows=None,
+                start: int = 0) -> torch.Tensor:
+        """Whole sequences ``ids [R, T]`` from position 0 (causal, differentiable): the hidden states of
+        positions ``start`` onwards, ``[R, T - start, D]``."""
+        return decoder_forward(model, ids, self, groups, over=over, rows=rows)[:, start:]
 
 
 def cross_kv(model, enc: torch.Tensor) -> CrossKV:

@@ -207,7 +207,7 @@ def test_same_seed_same_result(model, processor):
     assert a.tokens == b.tokens and [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
 
 
-@pytest.mark.parametrize("objective", ["entropy", "pg", "suta"])
+@pytest.mark.parametrize("objective", ["entropy", "pg", "suta", "random"])
 def test_ablations_run(model, processor, objective):
     result = fastem.adapt(model, speechlike(), processor=processor, language="en", steps=2, num_samples=3,
                           lr=1e-2, objective=objective, max_new_tokens=6)

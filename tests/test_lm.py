@@ -62,29 +62,64 @@ def test_a_gpt2_built_in_memory_adapts_and_is_restored_bit_for_bit():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_the_lm_paths_scores_equal_a_plain_forward_in_float64():
+def llama(seed=0, dtype=torch.float32):
+    """A Llama (RMSNorm, rotary positions, grouped-query attention: SmolLM2's shape) built in memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         initializer_range=0.3, bos_token_id=EOS, eos_token_id=EOS)).eval().to(dtype)
+    model.generation_config.eos_token_id = EOS
+    return model
+
+
+@pytest.mark.parametrize("family", [gpt2, llama])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_the_lm_paths_scores_equal_a_plain_forward_in_float64(family, prefix):
     """Sampled continuations, their teacher-forced entropies and log-probs through the LM context equal what a
-    plain model(input_ids) forward gives, in float64."""
-    model, tok = gpt2(seed=1, dtype=torch.float64), CharTokenizer()
+    plain model(input_ids) forward gives, in float64, and so does their gradient with respect to the norm
+    layers (the scores are accumulated in float32, as on every path): with the prompt read once into a shared
+    prefix cache (what adapt does) and without."""
+    model, tok = family(seed=1, dtype=torch.float64), CharTokenizer()
     ids = lm_prompt_ids(tok, "hello there")
     prompts = [Prompt(ids=ids, eos_id=EOS)]
-    ctx, head = LMContext(torch.device("cpu")), Head(model)
-    with torch.no_grad():
-        hyps = decode(model, ctx, prompts, num_samples=3, temperature=1.0, max_new_tokens=7, head=head,
+    head = Head(model)
+    norms = [p for n, p in model.named_parameters() if "ln_" in n or "norm" in n]
+    for p in norms:
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        ctx = LMContext.read(model, ids, torch.device("cpu")) if prefix else LMContext(torch.device("cpu"))
+        assert (ctx.prefix is not None) == prefix
+        hyps = decode(model, ctx.detach(), prompts, num_samples=3, temperature=1.0, max_new_tokens=7, head=head,
                       generators=[torch.Generator().manual_seed(0)])
         entropy, logp, mask = score(model, ctx, prompts, hyps, backend="torch", head=head)
+        got = torch.autograd.grad((entropy * mask).sum() + (logp * mask).sum(), norms)
+        want_loss = torch.zeros((), dtype=torch.float64)
         for r in range(3):
             n = int(hyps.lengths[r])
             full = torch.tensor([ids + hyps.tokens[r, :n].tolist()])
             logits = model(input_ids=full).logits[0, len(ids) - 1:len(ids) - 1 + n].double()
             lp = torch.log_softmax(logits, -1)
-            torch.testing.assert_close(logp[r, :n].double(), lp.gather(1, hyps.tokens[r, :n, None])[:, 0], atol=1e-5,
-                                       rtol=0)
-            torch.testing.assert_close(entropy[r, :n].double(), -(lp.exp() * lp).sum(-1), atol=1e-5, rtol=0)
+            want_lp, want_ent = lp.gather(1, hyps.tokens[r, :n, None])[:, 0], -(lp.exp() * lp).sum(-1)
+            want_loss = want_loss + want_lp.sum() + want_ent.sum()
+            torch.testing.assert_close(logp[r, :n].double().detach(), want_lp.detach(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(entropy[r, :n].double().detach(), want_ent.detach(), atol=1e-5, rtol=0)
             # the sampler's own log-probs are those of the distribution it drew from
-            torch.testing.assert_close(hyps.logp[r, :n].double(), lp.gather(1, hyps.tokens[r, :n, None])[:, 0],
-                                       atol=1e-5, rtol=0)
-        assert bool(mask.sum(1).eq(hyps.lengths).all())
+            torch.testing.assert_close(hyps.logp[r, :n].double(), want_lp.detach(), atol=1e-5, rtol=0)
+        want = torch.autograd.grad(want_loss, norms)
+    assert bool(mask.sum(1).eq(hyps.lengths).all())
+    assert max(float(w.abs().max()) for w in want) > 1e-3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4)
+
+
+def test_a_prefix_context_refuses_sequences_of_another_prompt():
+    model, tok = llama(), CharTokenizer()
+    ctx = LMContext.read(model, lm_prompt_ids(tok, "hello"), torch.device("cpu"))
+    other = torch.tensor([lm_prompt_ids(tok, "jello") + [5]])
+    with pytest.raises(ValueError, match="do not continue the prompt"):
+        ctx.forward(model, other, [1], start=4)
 
 
 def test_prompts_are_named_and_bad_ones_refused():

@@ -13,6 +13,7 @@ is checked against the quantity it claims to estimate, not only against "not exa
 logit table is seeded (``THETA_SEED``).
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -298,3 +299,48 @@ def test_reductions_and_bad_arguments():
         em_loss(entropy, logp, mask, reduction="max")
     with pytest.raises(ValueError, match="same shape"):
         em_loss(entropy, logp[:, :4], mask)
+
+
+def _coins(seed: int, k: int) -> torch.Tensor:
+    return torch.randint(0, 2, (k, 1), generator=torch.Generator().manual_seed(seed)).to(torch.float64)
+
+
+def test_random_objective_is_pg_with_a_coin_for_reward(theta):
+    """One batch: the score term with cost R^k, a fair coin per sample drawn from the generator (the same
+    draw a fresh generator with that seed gives), leave-one-out baseline over the coins; no entropy term."""
+    seqs = [(0,), (1, 0), (2, 3, 1), (3, 1, 0)]
+    coins = _coins(7, len(seqs))
+    assert 0 < coins.sum() < len(seqs)  # both rewards occur: a draw ignoring the coins would differ
+    loss = em_loss(*batch_stats(theta, seqs), objective="random", generator=torch.Generator().manual_seed(7))
+    (got,) = torch.autograd.grad(loss, theta)
+    total = theta.new_zeros(())
+    for k, seq in enumerate(seqs):
+        rows = torch.stack([theta[INDEX[seq[:t]]] for t in range(len(seq))])
+        _, logp = token_stats(rows, torch.tensor(seq))
+        b = (coins.sum() - coins[k]) / (len(seqs) - 1)
+        total = total + (coins[k, 0] - b[0]) * logp.sum()
+    (want,) = torch.autograd.grad(total / len(seqs), theta)
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("k,baseline", [(2, "none"), (3, "loo")])
+def test_random_objective_has_zero_expected_gradient(theta, k, baseline):
+    """The coins are independent of the samples, so E[(R - b) grad log p(y)] = 0: by enumeration over every
+    K-tuple of sequences, each drawing the same coins (a fresh generator, same seed).  A reward that leaked
+    the sequences' entropies would not cancel."""
+    with torch.no_grad():
+        probs = {s: seq_logprob_and_entropies(theta, s)[0].exp().item() for s in SEQS}
+    th = theta.detach().requires_grad_(True)
+    entropy, logp, mask = batch_stats(th, SEQS)
+    total, scale = th.new_zeros(()), th.new_zeros(())
+    for combo in itertools.product(range(len(SEQS)), repeat=k):
+        weight = math.prod(probs[SEQS[i]] for i in combo)
+        rows = list(combo)
+        loss = em_loss(entropy[rows], logp[rows], mask[rows], objective="random", baseline=baseline,
+                       generator=torch.Generator().manual_seed(11))
+        total = total + weight * loss
+        scale = scale + weight * loss.abs()  # the per-batch losses are not all zero
+    (got,) = torch.autograd.grad(total, th)
+    assert scale.item() > 1e-2
+    torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-12, rtol=0)
