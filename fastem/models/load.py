@@ -193,38 +193,21 @@ def _load_converted(name: str, parts: list[Path], files: Path, dtype: torch.dtyp
     """Cached conversion of a CTranslate2 export; returns (model, processor, LoadInfo)."""
     start = time.perf_counter()
     sources = [*parts, *(files / f for f in _CT2_FILES if f != "model.bin")]
-    entry = cache.entry_dir(name, cache.fingerprint(sources, extra=name))
-    if entry.exists():
-        if cache.is_valid(entry, _REQUIRED):
-            try:
-                model, processor = _from_cache(entry, dtype, files)
-                info = LoadInfo(name, "cache", str(entry), time.perf_counter() - start)
-                logger.info("loaded Whisper %s from cache %s in %.1f s", name, entry, info.seconds)
-                return model, processor, info
-            except Exception as exc:  # corrupt in a way the manifest could not see
-                logger.warning("cache entry %s failed to load (%s); rebuilding it", entry, exc)
-        else:
-            logger.warning("cache entry %s is incomplete or modified; rebuilding it", entry)
-        cache.remove(entry)
 
-    model, processor = _from_source(parts, files)
-    tmp = None
-    try:
-        tmp = cache.new_build_dir(entry)
+    def save(built, tmp: Path) -> None:
         with _quiet_progress():
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        cache.commit(tmp, entry, name)
-        cache.remove_stale(name, keep=entry)
-        where = str(entry)
-    except OSError as exc:  # read-only or full disk: the cache is an optimisation, carry on
-        if tmp is not None:
-            cache.remove(tmp)
-        logger.warning("could not write the model cache under %s (%s); the next load converts again", entry.parent, exc)
-        where = ""
+            for part in built:
+                part.save_pretrained(tmp)
+
+    (model, processor), how, where = cache.load_or_build(
+        name, sources, kind="whisper", required=_REQUIRED, load=lambda entry: _from_cache(entry, dtype, files),
+        build=lambda: _from_source(parts, files), save=save)
     model = model.to(dtype)
-    info = LoadInfo(name, "converted", where, time.perf_counter() - start)
-    logger.info("converted Whisper %s in %.1f s; cached at %s", name, info.seconds, where or "(nowhere)")
+    info = LoadInfo(name, how, where, time.perf_counter() - start)
+    if how == "cache":
+        logger.info("loaded Whisper %s from cache %s in %.1f s", name, where, info.seconds)
+    else:
+        logger.info("converted Whisper %s in %.1f s; cached at %s", name, info.seconds, where or "(nowhere)")
     return model, processor, info
 
 
