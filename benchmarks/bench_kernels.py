@@ -6,7 +6,8 @@ CUDA: bfloat16, V = 51,865 (Whisper), N in {256, 2048, 16384}; the linear op als
 D in {384, 512, 1280}.  Language-model rows beside them: SmolLM2's vocabulary (V = 49,152, D = 576),
 Qwen2.5's (151,936, D = 896) and Gemma 3's (262,144, D = 640) at N = 2048.
 ``extra_info`` holds the peak extra memory (``peak_extra_MiB``: max allocated during one forward +
-backward minus what was allocated before) and, for token_stats, the effective bandwidth over the bytes that must move (``floor_GBps``).
+backward minus what was allocated before) and, for token_stats, the effective bandwidth over the bytes
+that must move (``floor_GBps``).
 Without CUDA the Triton and torch.compile rows skip with a reason and a small CPU table of the
 eager references runs (float32, small N; well under a minute on 2 cores).
 """
