@@ -21,6 +21,8 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--language", default=None, help="language code (default: detected; English for .en models)")
     p.add_argument("--steps", type=int, default=default_steps, help=f"adaptation steps (default {default_steps})")
+    p.add_argument("--stop-when-settled", action="store_true",
+                   help="stop a clip's steps once two steps in a row drew one and the same transcript")
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--num-samples", type=int, default=d.num_samples)
@@ -127,7 +129,7 @@ def _config(args) -> AdaptConfig:
     off = {"likelihood"} if args.max_seq_logp_drop is None else set()
     off |= {"verifier"} if args.verifier is None else set()
     d = AdaptConfig()
-    return AdaptConfig(steps=args.steps, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
+    return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
                        params=args.params, seed=args.seed, min_entropy=args.min_entropy,
                        guards=tuple(g for g in args.guards if g not in off), max_logp_drop=args.max_logp_drop,
                        max_seq_logp_drop=d.max_seq_logp_drop if args.max_seq_logp_drop is None else args.max_seq_logp_drop,

@@ -22,6 +22,9 @@ class AdaptConfig:
     **What a user sets**
 
     steps:          optimizer steps on each utterance (10); 0 transcribes without adapting.
+    stop_when_settled: stop an utterance's steps once two steps in a row drew one and the same sequence
+                    (all K samples alike, and alike the step before's: its distribution has settled on
+                    it); the steps left are not run (False: always ``steps``; opt in, see RESULTS.md).
     lr:             AdamW learning rate (2e-3).
     num_samples:    K hypotheses drawn per step (4).
     params:         the parameters that adapt: "layernorm" (every LayerNorm, the default),
@@ -78,6 +81,7 @@ class AdaptConfig:
 
     # what a user sets
     steps: int = 10
+    stop_when_settled: bool = False
     lr: float = 2e-3
     num_samples: int = 4
     params: Any = "layernorm"

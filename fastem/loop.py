@@ -124,9 +124,10 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
 
 
 def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
-         head: Head) -> tuple[Hypotheses, list[dict]]:
-    """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated.
-    Returns the step's hypotheses and one history entry per utterance."""
+         head: Head, frozen: list[bool] | None = None) -> tuple[Hypotheses, list[dict]]:
+    """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated,
+    nor one that is ``frozen`` (its steps are over while others' go on).  Returns the step's hypotheses
+    and one history entry per utterance."""
     n = len(prompts)
     t0 = time.perf_counter()
     binding.before_backward()
@@ -136,7 +137,8 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)
         losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
-        finite = torch.tensor([bool(torch.isfinite(loss)) for loss in losses])
+        finite = torch.tensor([bool(torch.isfinite(loss)) and not (frozen and frozen[b])
+                               for b, loss in enumerate(losses)])
         if bool(finite.any()):
             sum(loss for loss, f in zip(losses, finite) if f).backward()
     binding.after_backward()
@@ -157,3 +159,8 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
                         "length": float(hyps.lengths[s].float().mean()), "tokens": int(hyps.lengths[s].sum()),
                         "seconds": elapsed, "skipped": not bool(finite[b])})
     return hyps, entries
+
+
+def drawn_sequences(hyps: Hypotheses, b: int) -> set[tuple[int, ...]]:
+    """The distinct sequences utterance ``b``'s rows drew in one step."""
+    return {tuple(hyps.row(k)) for k in range(hyps.rows_of(b).start, hyps.rows_of(b).stop)}
