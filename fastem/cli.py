@@ -129,7 +129,8 @@ def _config(args) -> AdaptConfig:
     off = {"likelihood"} if args.max_seq_logp_drop is None else set()
     off |= {"verifier"} if args.verifier is None else set()
     d = AdaptConfig()
-    return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr, num_samples=args.num_samples,
+    return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr,
+                       num_samples=args.num_samples,
                        params=args.params, seed=args.seed, min_entropy=args.min_entropy,
                        guards=tuple(g for g in args.guards if g not in off), max_logp_drop=args.max_logp_drop,
                        max_seq_logp_drop=d.max_seq_logp_drop if args.max_seq_logp_drop is None else args.max_seq_logp_drop,
