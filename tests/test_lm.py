@@ -239,3 +239,19 @@ def test_gemma3_offline_adapts_and_is_restored():
     res = fastem.adapt(model, prompt, tokenizer=tok, steps=2, num_samples=2, max_new_tokens=8, min_entropy=0.0)
     assert "17" in res.text_before and len(res.history) == 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("family", [gpt2, llama])
+def test_beam_search_on_a_language_model_equals_generate(family):
+    """num_beams=k on a language model (the prompt read once into the shared prefix cache, the beams
+    reordering the cache as they go) gives what transformers' generate(num_beams=k) gives."""
+    model, tok = family(seed=3), CharTokenizer()
+    prompt = "the cat sat on"
+    ids = torch.tensor([lm_prompt_ids(tok, prompt)])
+    for beams in (1, 3):
+        with torch.no_grad():
+            ref = model.generate(ids, num_beams=beams, do_sample=False, max_new_tokens=8, pad_token_id=EOS,
+                                 eos_token_id=EOS)
+        want = tok.decode(ref[0, ids.shape[1]:].tolist())
+        assert len(want.strip()) >= 4  # a continuation worth comparing
+        assert fastem.transcribe(model, prompt, tokenizer=tok, num_beams=beams, max_new_tokens=8) == want.strip()
