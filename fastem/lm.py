@@ -5,7 +5,8 @@ for a causal language model it is the prompt.  :class:`LMContext` gives the samp
 teacher-forced scoring the same three calls a Whisper context gives (``prefill`` a prompt into a KV
 cache, ``step`` it by one token, ``forward`` whole sequences), on the model's own ``transformers``
 forward (its base model: the hidden states after the final norm, so the fused vocabulary kernels take
-them with the output head and no logits are materialised).  :class:`LMInputs` is the rest of the
+them with the output head and no logits are materialised); as Whisper's audio is encoded once, the prompt
+is read once per step into a key/value cache that every row continues.  :class:`LMInputs` is the rest of the
 difference: prompts (a string, or chat messages rendered by the tokenizer's chat template) instead of
 audio, a token budget instead of one per second of audio, plain greedy decoding (Whisper's fallback
 rules are about speech).  Everything else (the gate, the steps, the objectives, the judge's text guards
@@ -13,7 +14,7 @@ and the likelihood guard, the exact restore) is the same code.
 
 The adapted parameters change the model in place (the "direct" binding, one prompt at a time): every
 normalization layer by default (``params="layernorm"`` takes RMSNorm too); the call restores them
-bit-for-bit.  :func:`load_lm` loads the bundled SmolLM2-135M-Instruct offline.
+bit-for-bit.  :func:`load_lm` loads the bundled SmolLM2-135M-Instruct and Gemma 3 270M offline.
 """
 from __future__ import annotations
 
