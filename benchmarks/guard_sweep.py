@@ -11,6 +11,8 @@
         --verifier base --save out/tinyen_verified.jsonl --verifier-drops 0,0.1,0.2
     python benchmarks/guard_sweep.py benchmarks/results/dev_tinyen_rows.jsonl --method fastem_verifier_base \
         --verifier-drops 0,0.1,0.2,0.3 --seq-drops 0,1,2,3,4,5 --grid      # the two guards added last, together
+    python benchmarks/guard_sweep.py benchmarks/results/dev_base_rows.jsonl --method fastem \
+        --verifier-drops 0,0.05,0.1,0.2,0.3,0.5 --seq-drops 0,0.5,1,2,3,5 --lodo   # how far choosing them fits DEV
 
 The "off" rows are the decisions the rows were written with (every default but the likelihood and the
 verifier guard, which are swept here).
@@ -159,6 +161,79 @@ def evaluate(rows: list[dict], base: list[tuple[int, int]], choose) -> dict:
             "domains": len(per_domain)}
 
 
+def leave_one_domain_out(rows: list[dict], base: list[tuple[int, int]], settings: dict, default,
+                         max_worse: float | None = None) -> dict:
+    """How well choosing a setting on DEV transfers to a domain it was not chosen on.
+
+    ``settings``: label -> the decision function of one setting.  The rule that chooses, on a set of
+    domains: the lowest macro WER over them, among the settings that leave at most ``max_worse`` of their
+    utterances worse than unadapted (None: no such bound; when none qualifies, the fewest worse); ties go
+    to the earlier label.  For each domain the rule chooses on the *other* domains and the choice is judged
+    on it: that is an honest estimate of the rule, against the choice made on every domain (in-sample,
+    optimistic by construction) and ``default`` (a label).  Per domain: the choice, its WER there, the
+    default's and the in-sample choice's there."""
+    per: dict[str, dict[str, list[int]]] = {}  # label -> domain -> [errors, words, worse, utterances]
+    unadapted: dict[str, list[int]] = {}
+    for label, choose in settings.items():
+        per[label] = {}
+        for r, (eb, n) in zip(rows, base):
+            e, _ = score(r["ref"], choose(r), r["language"])
+            d = per[label].setdefault(r["domain"], [0, 0, 0, 0])
+            d[0], d[1], d[2], d[3] = d[0] + e, d[1] + n, d[2] + (e > eb), d[3] + 1
+            if label == default:
+                u = unadapted.setdefault(r["domain"], [0, 0])
+                u[0], u[1] = u[0] + eb, u[1] + n
+    domains = sorted(unadapted)
+
+    def wer(label, d):
+        return per[label][d][0] / per[label][d][1]
+
+    def macro(label, doms):
+        return sum(wer(label, d) for d in doms) / len(doms)
+
+    def worse(label, doms):
+        return sum(per[label][d][2] for d in doms) / sum(per[label][d][3] for d in doms)
+
+    def rule(doms):
+        ok = [label for label in settings if max_worse is None or worse(label, doms) <= max_worse]
+        if not ok:
+            return min(settings, key=lambda label: worse(label, doms))
+        return min(ok, key=lambda label: macro(label, doms))
+
+    chosen = {d: rule([o for o in domains if o != d]) for d in domains}
+    best = rule(domains)
+    macro0 = sum(unadapted[d][0] / unadapted[d][1] for d in domains) / len(domains)
+    n = sum(per[default][d][3] for d in domains)
+    return {"domains": domains, "chosen": chosen, "best": best, "macro0": macro0,
+            "lodo": sum(wer(chosen[d], d) for d in domains) / len(domains),
+            "lodo_worse": sum(per[chosen[d]][d][2] for d in domains) / n,
+            "in_sample": macro(best, domains), "in_sample_worse": worse(best, domains),
+            "default": macro(default, domains), "default_worse": worse(default, domains), "max_worse": max_worse,
+            "per_domain": {d: {"chosen": chosen[d], "wer_chosen": wer(chosen[d], d), "wer_default": wer(default, d),
+                               "wer_best": wer(best, d), "wer_unadapted": unadapted[d][0] / unadapted[d][1]}
+                           for d in domains}}
+
+
+def lodo_markdown(res: dict, default: str) -> str:
+    m0 = res["macro0"]
+    bound = "no bound on harm" if res["max_worse"] is None else f"at most {res['max_worse']:.0%} of utterances worse"
+    lines = [f"| choice of the guard thresholds (rule: lowest macro WER, {bound}) | macro WER | vs unadapted | "
+             "% worse |", "|---|---:|---:|---:|",
+             f"| unadapted | {m0:.2%} | | |",
+             f"| the default ({default}) | {res['default']:.2%} | {res['default'] / m0 - 1:+.1%} | "
+             f"{res['default_worse']:.1%} |",
+             f"| chosen on all of these domains ({res['best']}): in-sample | {res['in_sample']:.2%} | "
+             f"{res['in_sample'] / m0 - 1:+.1%} | {res['in_sample_worse']:.1%} |",
+             f"| chosen without the domain it is judged on (leave one domain out) | {res['lodo']:.2%} | "
+             f"{res['lodo'] / m0 - 1:+.1%} | {res['lodo_worse']:.1%} |", "",
+             "| held-out domain | chosen on the others | WER there | default there | in-sample choice there | unadapted |",
+             "|---|---|---:|---:|---:|---:|"]
+    for d, p in res["per_domain"].items():
+        lines.append(f"| {d} | {p['chosen']} | {p['wer_chosen']:.2%} | {p['wer_default']:.2%} | {p['wer_best']:.2%} | "
+                     f"{p['wer_unadapted']:.2%} |")
+    return "\n".join(lines)
+
+
 def tradeoff(rows: list[dict], base: list[tuple[int, int]], drops: list[float]) -> list[dict]:
     """The harm / gain trade-off: every library default (gate, length, consensus) with the confidence guard's
     ``max_logp_drop`` at each of ``drops`` (0: the source model must not find the adapted transcript any less
@@ -190,6 +265,12 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", action="store_true",
                     help="with --verifier-drops and --seq-drops: every pair of the two thresholds (the library's "
                          "default is the pair 0.1, 2)")
+    ap.add_argument("--lodo", action="store_true",
+                    help="with --verifier-drops and --seq-drops: choose the pair on all domains but one, judge it on "
+                         "that one, for each domain (leave one domain out)")
+    ap.add_argument("--max-worse", type=float, default=None, metavar="SHARE",
+                    help="with --lodo: the rule chooses among the settings that leave at most this share of utterances "
+                         "worse (e.g. 0.05)")
     ap.add_argument("--backfill", metavar="DATA_DIR", default=None,
                     help="compute scores.entropy_before where rows lack it (needs the models and the data)")
     ap.add_argument("--save", default=None, help="with --backfill: write the completed rows here")
@@ -281,6 +362,18 @@ def main(argv=None) -> int:
                 ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.min_entropy,
                                                            consensus=0.0, verifier_drop=vd, seq_drop=sd))
                 print(line(f"{v} | {q}", ev))
+    if args.lodo and args.verifier_drops and args.seq_drops:
+        def setting(vd, sd):
+            return lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.min_entropy, consensus=0.0,
+                                    verifier_drop=vd, seq_drop=sd)
+
+        settings = {f"verifier {v}, likelihood {q}": setting(None if v == "off" else float(v),
+                                                             None if q == "off" else float(q))
+                    for v in ["off"] + args.verifier_drops.split(",") for q in ["off"] + args.seq_drops.split(",")}
+        default = f"verifier {lib.max_verifier_drop:g}, likelihood {lib.max_seq_logp_drop:g}"
+        if default not in settings:
+            ap.error(f"--lodo: the grid must hold the default pair ({default})")
+        print("\n" + lodo_markdown(leave_one_domain_out(rows, base, settings, default, args.max_worse), default))
     if args.tradeoff:
         print("\n| max_logp_drop (with gate, consensus) | " + full)
         for ev in tradeoff(rows, base, [float(d) for d in args.tradeoff.split(",")]):

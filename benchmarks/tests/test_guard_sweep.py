@@ -112,3 +112,34 @@ def test_grid_crosses_the_verifier_and_likelihood_thresholds(tmp_path, capsys):
     grid = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[7].strip()
             for line in out.split("max_verifier_drop | max_seq_logp_drop")[1].splitlines()[2:] if line.startswith("|")}
     assert grid == {("off", "off"): "1 / 1", ("off", "2"): "1 / 0", ("0.1", "off"): "0 / 1", ("0.1", "2"): "0 / 0"}
+
+
+def test_leave_one_domain_out_judges_each_domain_on_a_choice_made_without_it():
+    """Two settings, 'keep' (the unadapted transcript) and 'take' (the adapted one), on three domains:
+    'take' fixes an error in a and in b and adds one in c (which has fewer words, so its WER moves most).
+    Chosen on all three, 'keep' wins (in-sample).  Held out, a and b get 'keep' (chosen on the other one
+    and c), but c gets 'take' (chosen on a and b alone) and pays for it there: the estimate of the rule is
+    worse than the in-sample figure, as it must be when a choice does not carry over."""
+    def row(domain, ref, before, after):
+        return {"ref": ref, "before": before, "adapted": after, "language": "en", "domain": domain,
+                "scores": {}, "seconds": 1.0}
+
+    rows = [row("a", "x y z w", "x y q w", "x y z w"), row("a", "p q", "p q", "p q"),
+            row("b", "x y z w", "x y q w", "x y z w"), row("b", "p q", "p q", "p q"),
+            row("c", "x y", "x y", "x q")]
+    base = [sweep.score(r["ref"], r["before"], "en") for r in rows]
+    settings = {"keep": lambda r: r["before"], "take": lambda r: r["adapted"]}
+    res = sweep.leave_one_domain_out(rows, base, settings, "keep")
+    assert res["best"] == "keep" and res["in_sample"] == res["default"] == (1 / 6 + 1 / 6 + 0) / 3
+    assert res["chosen"] == {"a": "keep", "b": "keep", "c": "take"}
+    assert res["per_domain"]["c"]["wer_chosen"] == 0.5 and res["per_domain"]["c"]["wer_default"] == 0.0
+    assert res["lodo"] == (1 / 6 + 1 / 6 + 0.5) / 3 and res["lodo_worse"] == 0.2
+    # a bound on harm of 10%: on all three 'take' leaves 1 of 5 worse (20%) and is ruled out; on a and b
+    # alone it leaves none worse, so c still gets it
+    bounded = sweep.leave_one_domain_out(rows, base, settings, "keep", max_worse=0.1)
+    assert bounded["best"] == "keep" and bounded["chosen"] == res["chosen"]
+    # with the bound at 0, nothing that leaves any utterance worse is chosen, unless nothing else is left
+    strict = sweep.leave_one_domain_out(rows, base, {"take": settings["take"]}, "take", max_worse=0.0)
+    assert strict["best"] == "take"
+    text = sweep.lodo_markdown(res, "keep")
+    assert "leave one domain out" in text and "| c | take | 50.00% | 0.00% | 0.00% | 0.00% |" in text
