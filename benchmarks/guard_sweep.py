@@ -282,6 +282,9 @@ def main(argv=None) -> int:
         print(f"no rows of method {args.method!r} with an adapted transcript", file=sys.stderr)
         return 1
     rows = [normalized(r) for r in raw]
+    if len({r.get("model") for r in raw}) > 1:  # rows of several checkpoints: a domain is a (checkpoint, domain)
+        for row, r in zip(rows, raw):
+            row["domain"] = f"{r.get('model')}/{row['domain']}"
     if args.verifier and not args.backfill:
         ap.error("--verifier needs --backfill DATA_DIR (the audio)")
     if args.backfill:
