@@ -216,17 +216,21 @@ def test_masked_out_entries_contribute_nothing(case, options, seed):
     noise_h = torch.rand(entropy.shape, generator=g, dtype=torch.float64).to(entropy.dtype) * 1e3
     noise_l = -torch.rand(entropy.shape, generator=g, dtype=torch.float64).to(entropy.dtype) * 1e3
     kw = dict(objective=objective, baseline=baseline, reduction=reduction)
-    loss = em_loss(entropy, logp, mask, **kw)
-    other = em_loss(torch.where(mask, entropy, noise_h), torch.where(mask, logp, noise_l), mask, **kw)
+    # objective="random" draws its coins per sample: the same generator seed, the same coins
+    loss = em_loss(entropy, logp, mask, generator=torch.Generator().manual_seed(seed), **kw)
+    other = em_loss(torch.where(mask, entropy, noise_h), torch.where(mask, logp, noise_l), mask,
+                    generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(loss, other)
 
 
 @FAST
-@given(loss_cases(), st.sampled_from(OBJECTIVES), st.integers(1, 3), st.integers(0, 2**32 - 1))
+@given(loss_cases(), st.sampled_from([o for o in OBJECTIVES if o != "random"]), st.integers(1, 3),
+       st.integers(0, 2**32 - 1))
 def test_all_zero_mask_rows_contribute_nothing(case, objective, extra, seed):
     """Inserting rows with an all-zero mask (any values) leaves the loss as it was: unchanged per token
     (reduction="mean"), and only rescaled by K / (K + extra) for the per-sample average (reduction="sum").
-    With baseline="none": the other baselines average over the K samples, as they should."""
+    With baseline="none": the other baselines average over the K samples, as they should.  (Not for the
+    random objective: inserted rows take coins, so the others' coins move.)"""
     entropy, logp, mask = case
     k, t = entropy.shape
     g = torch.Generator().manual_seed(seed)
