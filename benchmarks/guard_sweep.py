@@ -172,17 +172,17 @@ def leave_one_domain_out(rows: list[dict], base: list[tuple[int, int]], settings
     on it: that is an honest estimate of the rule, against the choice made on every domain (in-sample,
     optimistic by construction) and ``default`` (a label).  Per domain: the choice, its WER there, the
     default's and the in-sample choice's there."""
+    unadapted: dict[str, list[int]] = {}  # domain -> [errors, words]
+    for r, (eb, n) in zip(rows, base):
+        u = unadapted.setdefault(r["domain"], [0, 0])
+        u[0], u[1] = u[0] + eb, u[1] + n
     per: dict[str, dict[str, list[int]]] = {}  # label -> domain -> [errors, words, worse, utterances]
-    unadapted: dict[str, list[int]] = {}
     for label, choose in settings.items():
         per[label] = {}
         for r, (eb, n) in zip(rows, base):
             e, _ = score(r["ref"], choose(r), r["language"])
             d = per[label].setdefault(r["domain"], [0, 0, 0, 0])
             d[0], d[1], d[2], d[3] = d[0] + e, d[1] + n, d[2] + (e > eb), d[3] + 1
-            if label == default:
-                u = unadapted.setdefault(r["domain"], [0, 0])
-                u[0], u[1] = u[0] + eb, u[1] + n
     domains = sorted(unadapted)
 
     def wer(label, d):

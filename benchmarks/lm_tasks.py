@@ -72,7 +72,7 @@ def run(args) -> int:
     rows_path = Path(args.rows)
     conf = settings(args)
     done = {(r["id"], r["method"]) for r in _read(rows_path) if r.get("settings") == conf}
-    todo = [p for p in problems(args.per_family, args.data_seed)[: args.limit or None]]
+    todo = problems(args.per_family, args.data_seed)[: args.limit or None]
     if all((p["id"], m) in done for p in todo for m in METHODS):
         print(f"all {len(todo)} problems done in {rows_path}")
         return 0
