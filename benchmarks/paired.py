@@ -1,0 +1,73 @@
+"""Paired comparisons across the rows of one or several runs (no model needed).
+
+    python benchmarks/paired.py out/dev_beam/rows.jsonl dev=benchmarks/results/dev_base_rows.jsonl \\
+        --pair fastem_beam5:none --pair fastem_beam5@before:none --pair fastem_beam5:fastem_beam5@before \\
+        --pair fastem_beam5:dev/fastem
+
+Each ``ROWS`` argument is a rows file of the domain benchmark, or ``LABEL=PATH``: then its methods are
+named ``LABEL/method`` (two runs may both have a ``none`` or a ``fastem``).  A file written by
+``beam_baseline.py`` gives the methods ``hf_greedy`` and ``hf_beam`` (``transformers``' ``generate``).
+
+A method in ``--pair A:B`` may carry a suffix naming another transcript of the same adapted rows:
+``@before`` (the unadapted transcript the call compared against: greedy, or beam search with
+``num_beams``) or ``@adapted`` (the adapted transcript before any guard).  Each pair prints one line:
+macro WER of A against B on the utterances both have, the paired 95% bootstrap interval of the relative
+change, and worse / better counts (``harness.report.paired_comparison``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.rerun import paired_line  # noqa: E402
+
+SUFFIXES = {"@before": "errors_before", "@adapted": "errors_adapted"}
+
+
+def load(specs: list[str]) -> list[dict]:
+    """The rows of every ``ROWS`` / ``LABEL=PATH`` argument, each reduced to what a paired comparison reads."""
+    rows: list[dict] = []
+    for spec in specs:
+        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        prefix = f"{label}/" if label else ""
+        for line in open(path):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "errors_beam" in r:  # a beam_baseline.py row: two methods
+                for name, key in (("hf_greedy", "errors_greedy"), ("hf_beam", "errors_beam")):
+                    rows.append({"method": prefix + name, "domain": r["domain"], "utt_id": r["utt_id"],
+                                 "errors": r[key], "ref_words": r["ref_words"]})
+                continue
+            if r.get("errors") is None:  # a failed call
+                continue
+            keep = {"domain": r["domain"], "utt_id": r["utt_id"], "ref_words": r["ref_words"]}
+            rows.append({**keep, "method": prefix + r["method"], "errors": r["errors"]})
+            for suffix, key in SUFFIXES.items():
+                if r.get(key) is not None:
+                    rows.append({**keep, "method": prefix + r["method"] + suffix, "errors": r[key]})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rows", nargs="+", metavar="ROWS", help="a rows file, or LABEL=PATH")
+    ap.add_argument("--pair", action="append", required=True, metavar="A:B", help="A against B (repeatable)")
+    args = ap.parse_args(argv)
+    rows = load(args.rows)
+    names = sorted({r["method"] for r in rows})
+    for pair in args.pair:
+        a, sep, b = pair.partition(":")
+        missing = [m for m in (a, b) if m not in names]
+        if not sep or missing:
+            raise SystemExit(f"--pair {pair!r}: expected A:B with methods among {', '.join(names)}")
+        print(paired_line(rows, a, b) or f"{a}: no utterance in common with {b}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""benchmarks/paired.py: pairs across run files, labels, and the @before / @adapted transcripts of adapted rows."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "paired.py"
+spec = importlib.util.spec_from_file_location("paired_bench", SCRIPT)
+paired = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(paired)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_labels_suffixes_and_beam_rows(tmp_path, capsys):
+    run = [{"method": "none", "domain": "d", "utt_id": str(i), "ref_words": 10, "errors": 4} for i in range(3)]
+    run += [{"method": "m", "domain": "d", "utt_id": str(i), "ref_words": 10, "errors": 2, "errors_before": 3,
+             "errors_adapted": 5} for i in range(3)]
+    run.append({"method": "m", "domain": "d", "utt_id": "9", "ref_words": 10, "errors": None})  # a failed call
+    old = [{"method": "m", "domain": "d", "utt_id": str(i), "ref_words": 10, "errors": 1} for i in range(3)]
+    beam = [{"domain": "d", "utt_id": str(i), "ref_words": 10, "errors_greedy": 4, "errors_beam": 8} for i in range(3)]
+    files = [_write(tmp_path / "a.jsonl", run), "old=" + _write(tmp_path / "b.jsonl", old), _write(tmp_path / "c.jsonl", beam)]
+    rows = paired.load(files)
+    assert {r["method"] for r in rows} == {"none", "m", "m@before", "m@adapted", "old/m", "hf_greedy", "hf_beam"}
+    assert paired.main(files + ["--pair", "m:m@before", "--pair", "m@adapted:none", "--pair", "old/m:m",
+                                "--pair", "hf_beam:hf_greedy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("m: macro WER 20.00% vs m@before 30.00% (-33.3%") and "worse / better 0 / 3 of 3" in lines[0]
+    assert "(+25.0%" in lines[1] and "3 / 0 of 3" in lines[1]
+    assert "(-50.0%" in lines[2] and "(+100.0%" in lines[3]
+    with pytest.raises(SystemExit, match="methods among"):
+        paired.main(files + ["--pair", "m:nope"])
