@@ -11,11 +11,13 @@ method that has no row yet:
   method calls ``fastem.adapt(model, audio, **overrides)`` where ``overrides`` are the shared options
   (``steps``, ``lr``, ..., ``adapt_options``) updated by the method's own definition (the definition
   wins); see :meth:`RunConfig.method_overrides`;
-* ``none``: the unadapted greedy transcript.  It is ``AdaptResult.text_before`` of the first adapted
-  method run for the item (identical for every method: the same greedy decode of the same model), so
-  it is not decoded again (nor when the item's adapted rows are cached: their ``text_before``);
-  ``fastem.transcribe`` is called only when no adapted method has run for the item (or with
-  ``time_none=True``, which also checks that it equals ``text_before``).
+* ``none``: the unadapted transcript, decoded by the run's shared decoding rules (greedy unless the shared
+  options set ``num_beams``).  It is ``AdaptResult.text_before`` of the first adapted method run for the
+  item whose own decoding rules are the same (:func:`decode_settings`: the same decode of the same
+  model), so it is not decoded again (nor when such a method's rows are cached: their ``text_before``);
+  a method that decodes otherwise (``num_beams=5``) never stands in for it.  ``fastem.transcribe`` is
+  called when no such method has run for the item (or with ``time_none=True``, which also checks that it
+  equals ``text_before``).
 
 An adapted row also records ``changed`` (text != text_before) and ``guard`` (``AdaptResult.guard``: the
 guard that rejected the adaptation, None when accepted or when the package has no guards), and, when the
@@ -464,10 +466,13 @@ class FastemEngine:
     def _language(self, language: str) -> str | None:
         return None if self.english_only else language
 
-    def transcribe(self, audio: torch.Tensor, language: str, *, max_new_tokens: int | None = None) -> tuple[str, float]:
+    def transcribe(self, audio: torch.Tensor, language: str, *, max_new_tokens: int | None = None,
+                   rules: dict | None = None) -> tuple[str, float]:
+        """``rules``: decoding settings (:func:`decode_settings`), the library's defaults when None."""
         import fastem  # type: ignore
 
         kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
+        kwargs.update(rules or {})
         t0 = time.perf_counter()
         text = fastem.transcribe(self.model, audio, processor=self.processor, sampling_rate=SAMPLE_RATE,
                                  language=self._language(language), **kwargs)
@@ -509,6 +514,12 @@ _STUB_WORDS = ("the of and to a in that is was he for it with as his on be at by
                "since against go came right used take three").split()
 
 
+def _stub_salt(settings: dict | None) -> str:
+    """The stub's stand-in for decoding rules: beam search (``num_beams`` > 1) gives another transcript."""
+    beams = int((settings or {}).get("num_beams", 1) or 1)
+    return f"beams={beams}" if beams > 1 else ""
+
+
 class StubEngine:
     """A deterministic stand-in for a model (tests, dry runs of the pipeline): the transcript is a
     pseudo-random word sequence keyed by the audio's bytes, about 2.5 words per second; an "adapted"
@@ -524,16 +535,18 @@ class StubEngine:
         a = audio.detach().to("cpu", torch.float32).contiguous().numpy()
         h = zlib.crc32(a.tobytes())
         n = max(1, int(round(a.size / SAMPLE_RATE * 2.5)))
-        return [_STUB_WORDS[zlib.crc32(f"{h}|{i}".encode()) % len(_STUB_WORDS)] for i in range(n)]
+        tag = f"{h}|{salt}" if salt else str(h)  # a salt: another decoding of the same audio
+        return [_STUB_WORDS[zlib.crc32(f"{tag}|{i}".encode()) % len(_STUB_WORDS)] for i in range(n)]
 
-    def transcribe(self, audio: torch.Tensor, language: str, *, max_new_tokens: int | None = None) -> tuple[str, float]:
+    def transcribe(self, audio: torch.Tensor, language: str, *, max_new_tokens: int | None = None,
+                   rules: dict | None = None) -> tuple[str, float]:
         t0 = time.perf_counter()
-        text = " ".join(self._words(audio))
+        text = " ".join(self._words(audio, _stub_salt(rules)))
         return text, time.perf_counter() - t0
 
     def adapt(self, audio: torch.Tensor, language: str, overrides: dict) -> AdaptOutput:
         t0 = time.perf_counter()
-        words = self._words(audio)
+        words = self._words(audio, _stub_salt(overrides))
         before = " ".join(words)
         a = audio.detach().to("cpu", torch.float32).contiguous().numpy()
         key = json.dumps({k: v for k, v in overrides.items() if k != "backend"}, sort_keys=True, default=str)
@@ -727,6 +740,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
         mine = shard(items, info.rank, info.world_size)
 
         decode = decode_settings(cfg.adapt_overrides())
+        # a method's unadapted transcript stands in for `none` only when it is decoded by the same rules
+        stands_in = {m: decode_settings(overrides[m]) == decode for m in adapted}
         hashes = {(d, m): config_hash(m, get_domain(d), cfg.data_seed, adapt_cfgs.get(m), cfg.max_new_tokens, decode)
                   for d in domain_names for m in methods}
 
@@ -749,7 +764,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
         # interrupted run): any current adapted row's text_before, so `none` needs no decode of its own.
         cached_before = {}
         for (mdl, dom_name, utt_id, m, h), row in existing.items():
-            if (mdl == model_name and m != "none" and hashes.get((dom_name, m)) == h
+            if (mdl == model_name and m != "none" and hashes.get((dom_name, m)) == h and stands_in.get(m)
                     and row.get("text_before") is not None):
                 cached_before.setdefault((dom_name, utt_id), row["text_before"])
         n_units = sum(len(p) for _, p in todo)
@@ -773,7 +788,9 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
             _log(f"ERROR {u.item.domain} {u.item.utt_id} {method}: {err!r}", info)
 
         def record_adapted(u: _Unit, m: str, res: AdaptOutput) -> None:
-            if u.before is None:
+            if not stands_in[m]:
+                pass
+            elif u.before is None:
                 u.before = res.text_before
             elif res.text_before != u.before:
                 _log(f"warning: text_before differs between methods for {u.item.domain} {u.item.utt_id}", info)
@@ -850,7 +867,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
                     if u.before is not None and not cfg.time_none:
                         hyp, secs, source = u.before, None, "adapt.text_before"
                     else:
-                        hyp, secs = engine.transcribe(u.audio, u.dom.language, max_new_tokens=cfg.max_new_tokens)
+                        hyp, secs = engine.transcribe(u.audio, u.dom.language, max_new_tokens=cfg.max_new_tokens,
+                                                      rules=decode)
                         source = "transcribe"
                         if u.before is not None and hyp != u.before:
                             _log(f"warning: transcribe != text_before for {u.item.domain} {u.item.utt_id}", info)

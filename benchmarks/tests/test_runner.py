@@ -170,6 +170,35 @@ def test_none_is_text_before_and_transcribe_only_alone(synth, tmp_path):
     assert all(r["source"] == "transcribe" and r["seconds"] is not None for r in rows_b)
 
 
+def test_a_beam_method_never_stands_in_for_the_greedy_none(synth, tmp_path):
+    """``none`` is the greedy transcript: a method decoding with beams (another unadapted transcript) is not
+    reused for it, neither when it runs nor from its cached rows; a greedy method still is."""
+    defs = {"beam5": {"num_beams": 5}}
+    eng = CountingEngine()
+    run(_cfg(synth, domains=["clean"], methods=["none", "beam5"], definitions=defs), tmp_path / "a", engine=eng)
+    by = {(r["utt_id"], r["method"]): r for r in _rows(tmp_path / "a")}
+    utts = sorted({u for u, _ in by})
+    assert [c[0] for c in eng.calls].count("transcribe") == len(utts)
+    for u in utts:
+        assert by[(u, "none")]["source"] == "transcribe"
+        assert by[(u, "beam5")]["text_before"] != by[(u, "none")]["hyp"]
+    # cached beam rows only: `none` is decoded, not copied from them
+    shard = tmp_path / "a" / "shards" / "rank0.jsonl"
+    kept = [line for line in shard.read_text().splitlines() if json.loads(line)["method"] != "none"]
+    (tmp_path / "b" / "shards").mkdir(parents=True)
+    (tmp_path / "b" / "shards" / "rank0.jsonl").write_text("\n".join(kept) + "\n")
+    eng2 = CountingEngine()
+    run(_cfg(synth, domains=["clean"], methods=["none", "beam5"], definitions=defs), tmp_path / "b", engine=eng2)
+    assert [c[0] for c in eng2.calls] == ["transcribe"] * len(utts)
+    assert {r["utt_id"]: r["hyp"] for r in _rows(tmp_path / "b") if r["method"] == "none"} == \
+        {u: by[(u, "none")]["hyp"] for u in utts}
+    eng3 = CountingEngine()  # a greedy method beside it still stands in
+    run(_cfg(synth, domains=["clean"], methods=["none", "fastem", "beam5"], definitions=defs), tmp_path / "c", engine=eng3)
+    rows = {(r["utt_id"], r["method"]): r for r in _rows(tmp_path / "c")}
+    assert "transcribe" not in [c[0] for c in eng3.calls]
+    assert all(rows[(u, "none")]["hyp"] == rows[(u, "fastem")]["text_before"] == by[(u, "none")]["hyp"] for u in utts)
+
+
 def test_language_passed_and_english_only_skips_other_languages(synth, tmp_path):
     eng = CountingEngine()
     run(_cfg(synth, methods=["none"]), tmp_path / "multi", engine=eng)
