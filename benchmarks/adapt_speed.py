@@ -13,12 +13,15 @@ Rows (each timed on the real path, ``fastem.adapt`` itself, medians over ``--rep
   K = 4, against a straightforward step built on ``generate``: K samples from
   ``generate(do_sample=True, num_return_sequences=K)``, a teacher-forced forward with full logits
   (encoder included), backward.
+* ``beam``: ``transcribe(num_beams=k)`` and ``adapt(num_beams=k)`` forced past the gate, in units of a
+  greedy transcription (``--beams``, default 5).
 * ``sampling``: fastem's K = 4 sampling loop against ``generate(do_sample=True, num_return_sequences=4)``.
 * ``batch``: ``adapt_batch`` on B real clips against B separate ``adapt`` calls (same config): time
   per utterance, and whether the transcripts are the same.
 
 Peak resident memory (``ru_maxrss``) is reported after each row (it only grows).  Writes the rows as
-JSON to ``--out`` and prints a markdown table.
+JSON to ``--out`` and prints a markdown table.  ``--sections adapt,beam`` runs only those rows (the plain
+transcription is always timed: it is the unit).
 """
 from __future__ import annotations
 
@@ -79,79 +82,65 @@ def straightforward_step(model, feats, prompt_ids, eos, k, budget, params):
     full_logits_backward(logits, ids[:, n:], eos, params)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="base")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-sizes", default="4,8")
-    ap.add_argument("--data", default=str(_REPO.parent / "shared" / "data"))
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-
-    from fastem.demo import noisy_sample
-
-    model, processor = fastem.load_whisper(args.model, device=args.device)
-    audio, _, what = noisy_sample(0.0)
-    seconds = audio.numel() / 16000
-    cfg = fastem.AdaptConfig()
-    rows: dict = {"model": args.model, "clip": what, "clip_seconds": seconds, "config": repr(cfg),
-                  "device": args.device or "cpu", "machine": platform.processor() or platform.machine(),
-                  "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    kw = dict(processor=processor, language="en")
-
-    fastem.transcribe(model, audio, **kw)  # warm-up
-    rows["transcribe_s"] = median_seconds(lambda: fastem.transcribe(model, audio, **kw), args.repeats)
-    rows["rss_after_transcribe_MiB"] = _rss_mib()
-
+def _adapt_rows(rows, model, audio, cfg, kw, seconds, repeats) -> None:
+    """The default ``adapt``, forced past the gate, and with the steps' encoder on the clip's length."""
     results = []
-    rows["adapt_s"] = median_seconds(lambda: results.append(fastem.adapt(model, audio, config=cfg, **kw)), args.repeats)
+    rows["adapt_s"] = median_seconds(lambda: results.append(fastem.adapt(model, audio, config=cfg, **kw)), repeats)
     rows["adapt_over_transcribe"] = rows["adapt_s"] / rows["transcribe_s"]
     rows["adapt_rtf"] = rows["adapt_s"] / seconds
     rows["adapt_skipped"] = str(results[-1].skipped)  # "confident": the min_entropy gate kept the transcript
     rows["entropy_before"] = results[-1].scores.get("entropy_before")
     # The same config forced to adapt (min_entropy=0): what a clip the gate lets through costs.
     rows["adapt_forced_s"] = median_seconds(lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, **kw),
-                                          args.repeats)
+                                          repeats)
     rows["adapt_forced_over_transcribe"] = rows["adapt_forced_s"] / rows["transcribe_s"]
     # The same, with the encoder of the steps on the clip's own length (encoder_context="clip", opt in).
     rows["adapt_forced_clip_s"] = median_seconds(
-        lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, encoder_context="clip", **kw), args.repeats)
+        lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, encoder_context="clip", **kw), repeats)
     rows["adapt_forced_clip_over_transcribe"] = rows["adapt_forced_clip_s"] / rows["transcribe_s"]
     rows["rss_after_adapt_MiB"] = _rss_mib()
 
-    # One step, all LayerNorms, K = 4: fastem's real path vs the straightforward one.
+
+def _source_context(model, processor, audio, seconds):
+    feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        enc = whisper.encode(model, feats)
+        cross = whisper.cross_kv(model, enc)
+        prompts = sampling.build_prompts(model, cross, ["en"])
+    return feats, cross, prompts, int(10 * seconds) + 20
+
+
+def _step_rows(rows, model, processor, audio, kw, seconds, repeats) -> None:
+    """One step, all LayerNorms, K = 4: fastem's real path vs the straightforward one."""
     res = fastem.adapt(model, audio, steps=4, params="layernorm", num_samples=4, guards=(), min_entropy=0.0, **kw)
     rows["step_fastem_s"] = statistics.median(h["seconds"] for h in res.history[1:])
     res = fastem.adapt(model, audio, steps=4, params="layernorm", num_samples=4, guards=(), min_entropy=0.0,
                        encoder_context="clip", **kw)
     rows["step_fastem_clip_s"] = statistics.median(h["seconds"] for h in res.history[1:])
-    feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
+    feats, _, prompts, budget = _source_context(model, processor, audio, seconds)
     params = [p for _, p in fastem.params.select_parameters(model, "layernorm")]
-    budget = int(10 * seconds) + 20
-    with torch.no_grad():
-        enc = whisper.encode(model, feats)
-        cross = whisper.cross_kv(model, enc)
-        prompts = sampling.build_prompts(model, cross, ["en"])
     torch.manual_seed(0)
     rows["step_straightforward_s"] = median_seconds(
-        lambda: straightforward_step(model, feats, prompts[0].ids, prompts[0].eos_id, 4, budget, params),
-        args.repeats)
+        lambda: straightforward_step(model, feats, prompts[0].ids, prompts[0].eos_id, 4, budget, params), repeats)
     rows["step_speedup"] = rows["step_straightforward_s"] / rows["step_fastem_s"]
     rows["rss_after_step_MiB"] = _rss_mib()
 
-    # Sampling K = 4: fastem's loop vs generate.
+
+def _sampling_rows(rows, model, processor, audio, seconds, repeats) -> None:
+    """Sampling K = 4: fastem's loop vs generate."""
+    feats, cross, prompts, budget = _source_context(model, processor, audio, seconds)
     with torch.no_grad():
         gen = [torch.Generator().manual_seed(0)]
         rows["sampling_fastem_s"] = median_seconds(
-            lambda: sampling.decode(model, cross, prompts, num_samples=4, max_new_tokens=budget, generators=gen),
-            args.repeats)
+            lambda: sampling.decode(model, cross, prompts, num_samples=4, max_new_tokens=budget, generators=gen), repeats)
         rows["sampling_generate_s"] = median_seconds(
             lambda: model.generate(feats, do_sample=True, num_return_sequences=4, max_new_tokens=budget,
-                                   **_lang(model)), args.repeats)
+                                   **_lang(model)), repeats)
     rows["sampling_speedup"] = rows["sampling_generate_s"] / rows["sampling_fastem_s"]
 
-    # adapt_batch vs separate adapt calls on real clips.
+
+def _batch_rows(rows, model, kw, args) -> None:
+    """adapt_batch vs separate adapt calls on real clips."""
     for b in [int(x) for x in args.batch_sizes.split(",") if x]:
         clips = _clips(Path(args.data), b)
         if len(clips) < b:
@@ -168,6 +157,57 @@ def main(argv=None) -> int:
                              "speedup": t_alone / t_batch,
                              "same_transcripts": sum(a.text == c.text for a, c in zip(alone, batched)),
                              "audio_s": sum(c.numel() for c in clips) / 16000, "rss_MiB": _rss_mib()}
+
+
+SECTIONS = ("adapt", "beam", "step", "sampling", "batch")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="base")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-sizes", default="4,8")
+    ap.add_argument("--data", default=str(_REPO.parent / "shared" / "data"))
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--beams", type=int, default=5)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, among {', '.join(SECTIONS)}")
+    args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}")
+
+    from fastem.demo import noisy_sample
+
+    model, processor = fastem.load_whisper(args.model, device=args.device)
+    audio, _, what = noisy_sample(0.0)
+    seconds = audio.numel() / 16000
+    cfg = fastem.AdaptConfig()
+    rows: dict = {"model": args.model, "clip": what, "clip_seconds": seconds, "config": repr(cfg),
+                  "device": args.device or "cpu", "machine": platform.processor() or platform.machine(),
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    kw = dict(processor=processor, language="en")
+
+    fastem.transcribe(model, audio, **kw)  # warm-up
+    rows["transcribe_s"] = median_seconds(lambda: fastem.transcribe(model, audio, **kw), args.repeats)
+    rows["rss_after_transcribe_MiB"] = _rss_mib()
+
+    if "adapt" in sections:
+        _adapt_rows(rows, model, audio, cfg, kw, seconds, args.repeats)
+    if "beam" in sections:
+        k = args.beams
+        rows[f"transcribe_beam{k}_s"] = median_seconds(lambda: fastem.transcribe(model, audio, num_beams=k, **kw),
+                                                       args.repeats)
+        rows[f"transcribe_beam{k}_over_transcribe"] = rows[f"transcribe_beam{k}_s"] / rows["transcribe_s"]
+        rows[f"adapt_forced_beam{k}_s"] = median_seconds(
+            lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, num_beams=k, **kw), args.repeats)
+        rows[f"adapt_forced_beam{k}_over_transcribe"] = rows[f"adapt_forced_beam{k}_s"] / rows["transcribe_s"]
+    if "step" in sections:
+        _step_rows(rows, model, processor, audio, kw, seconds, args.repeats)
+    if "sampling" in sections:
+        _sampling_rows(rows, model, processor, audio, seconds, args.repeats)
+    if "batch" in sections:
+        _batch_rows(rows, model, kw, args)
 
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
