@@ -32,7 +32,7 @@ def load(specs: list[str]) -> list[dict]:
     """The rows of every ``ROWS`` / ``LABEL=PATH`` argument, each reduced to what a paired comparison reads."""
     rows: list[dict] = []
     for spec in specs:
-        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
         prefix = f"{label}/" if label else ""
         for line in open(path):
             if not line.strip():

@@ -788,12 +788,11 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
             _log(f"ERROR {u.item.domain} {u.item.utt_id} {method}: {err!r}", info)
 
         def record_adapted(u: _Unit, m: str, res: AdaptOutput) -> None:
-            if not stands_in[m]:
-                pass
-            elif u.before is None:
-                u.before = res.text_before
-            elif res.text_before != u.before:
-                _log(f"warning: text_before differs between methods for {u.item.domain} {u.item.utt_id}", info)
+            if stands_in[m]:
+                if u.before is None:
+                    u.before = res.text_before
+                elif res.text_before != u.before:
+                    _log(f"warning: text_before differs between methods for {u.item.domain} {u.item.utt_id}", info)
             e, n = _report.score(u.item.utt.text, res.text, u.dom.language)
             eb, _ = _report.score(u.item.utt.text, res.text_before, u.dom.language)
             row = {**u.base, "method": m, "config_hash": hashes[(u.item.domain, m)], "hyp": res.text,
