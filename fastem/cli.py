@@ -37,10 +37,11 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                    help="the confidence guard: keep the unadapted transcript when the unadapted model finds the "
                         f"adapted one more than NATS per token less likely than its own (default {d.max_logp_drop:g}; "
                         "0: accept only transcripts the unadapted model also prefers, the safe setting)")
-    p.add_argument("--max-seq-logp-drop", type=_optional_float, default=d.max_seq_logp_drop, metavar="NATS",
+    p.add_argument("--max-seq-logp-drop", type=_seq_drop, default=d.max_seq_logp_drop, metavar="NATS",
                    help="the likelihood guard: keep the unadapted transcript when the unadapted model finds the "
-                        f"adapted one, as a whole, more than NATS less likely than its own (default "
-                        f"{d.max_seq_logp_drop:g}; 'none': the guard off; 0: the strictest)")
+                        "adapted one, as a whole, more than NATS less likely than its own (default "
+                        f"{d.max_seq_logp_drop}: {AdaptConfig().seq_logp_limit:g} greedy, off with --beams > 1; "
+                        "'none': the guard off; 0: the strictest)")
     p.add_argument("--verifier", type=_optional_name, default=d.verifier, metavar="MODEL",
                    help="a second checkpoint (tiny.en, base, a hub id or a directory) that votes on each changed "
                         "transcript: the unadapted one is kept when it finds the adapted one less likely "
@@ -60,6 +61,10 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
 
 def _snrs(text: str) -> tuple:
     return tuple(None if t.strip().lower() == "clean" else float(t) for t in text.split(",") if t.strip())
+
+
+def _seq_drop(text: str) -> float | str | None:
+    return "auto" if text.strip().lower() == "auto" else _optional_float(text)
 
 
 def _optional_float(text: str) -> float | None:

@@ -49,7 +49,10 @@ class AdaptConfig:
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`;
                     default all eight); when one fires the unadapted transcript is returned; ``()``: none.
     max_logp_drop:  "confidence": most the source model's mean log-prob per token may fall (1.5 nats).
-    max_seq_logp_drop: "likelihood": most the source model's total log-prob of the transcript may fall (2.0).
+    max_seq_logp_drop: "likelihood": most the source model's total log-prob of the transcript may fall (nats);
+                    "auto" (default): 2.0 with greedy decoding, off with beam search (``num_beams > 1``), where
+                    the unadapted transcript is the source model's own search for its most likely one, so any
+                    change lowers that likelihood by construction (RESULTS.md, "The likelihood guard with beams").
     max_length_ratio: "length": largest ratio of the two transcripts' token counts, either way (2.0).
     verifier:       "verifier": the second checkpoint that votes ("auto": a bundled one other than the
                     model, see :func:`fastem.verifier.resolve_verifier`; a bundled name, hub id or directory).
@@ -95,7 +98,7 @@ class AdaptConfig:
     min_entropy: float = 1.0
     guards: tuple = _judge.DEFAULT_GUARDS
     max_logp_drop: float = 1.5
-    max_seq_logp_drop: float = 2.0
+    max_seq_logp_drop: float | str = "auto"
     max_length_ratio: float = 2.0
     verifier: str | None = "auto"
     max_verifier_drop: float = 0.1
@@ -149,9 +152,11 @@ class AdaptConfig:
         if not self.max_logp_drop >= 0 or not self.max_length_ratio > 1:
             raise ValueError("max_logp_drop must be >= 0 and max_length_ratio > 1, got "
                              f"{self.max_logp_drop!r}, {self.max_length_ratio!r}")
-        if self.max_seq_logp_drop is None or not self.max_seq_logp_drop >= 0:
-            raise ValueError(f"max_seq_logp_drop must be >= 0 (nats per transcript), got {self.max_seq_logp_drop!r}; "
-                             "to switch the likelihood guard off, leave 'likelihood' out of guards")
+        if self.max_seq_logp_drop != "auto" and (isinstance(self.max_seq_logp_drop, (str, bool))
+                                                 or self.max_seq_logp_drop is None or not self.max_seq_logp_drop >= 0):
+            raise ValueError(f"max_seq_logp_drop must be 'auto' or >= 0 (nats per transcript), got "
+                             f"{self.max_seq_logp_drop!r}; to switch the likelihood guard off, leave 'likelihood' out "
+                             "of guards")
         if not self.max_verifier_drop >= 0:
             raise ValueError(f"max_verifier_drop must be >= 0 (nats per token), got {self.max_verifier_drop!r}")
         if self.verifier is not None and not (isinstance(self.verifier, str) and self.verifier.strip()):
@@ -185,6 +190,14 @@ class AdaptConfig:
     @property
     def uses_greedy_hypotheses(self) -> bool:
         return self.hypotheses == "greedy" or (self.hypotheses == "auto" and self.objective in ("entropy", "suta"))
+
+    @property
+    def seq_logp_limit(self) -> float | None:
+        """The likelihood guard's threshold this call uses: ``max_seq_logp_drop`` resolved ("auto": 2.0 nats
+        with greedy decoding, None, the guard abstaining, with beam search)."""
+        if self.max_seq_logp_drop == "auto":
+            return None if self.num_beams > 1 else 2.0
+        return float(self.max_seq_logp_drop)
 
     @property
     def decode_rules(self) -> DecodeRules:

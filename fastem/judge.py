@@ -234,7 +234,7 @@ def evidence(cfg, before, after, seconds: float, scores: dict) -> Evidence:
                     adapted_logp_after=scores.get("adapted_after"), verifier_logp_before=scores.get("verifier_before"),
                     verifier_logp_after=scores.get("verifier_after"), max_logp_drop=cfg.max_logp_drop,
                     max_length_ratio=cfg.max_length_ratio, max_verifier_drop=cfg.max_verifier_drop,
-                    max_seq_logp_drop=cfg.max_seq_logp_drop)
+                    max_seq_logp_drop=cfg.seq_logp_limit)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The judge: each guard fires on the fault it names, only when adaptation introduced it; the gate; Whisper's
 decoding rules as the gate sees them; and the judge in the pipeline."""
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -268,3 +269,22 @@ def test_adapted_scores_are_the_adapted_models_log_probs(processor, params):
         for key, toks in (("adapted_before", result.tokens_before), ("adapted_after", result.tokens_adapted)):
             assert result.scores[key] == pytest.approx(teacher_forced_mean_logp(model, feats, toks), abs=1e-4)
     assert result.scores["source_before"] != pytest.approx(result.scores["adapted_before"], abs=1e-6)  # it moved
+
+
+def test_likelihood_guard_abstains_with_beam_search_unless_asked():
+    """``max_seq_logp_drop="auto"``: 2 nats with greedy decoding; with beam search the unadapted transcript is
+    the source model's own search for its most likely transcript, so the guard abstains unless a threshold
+    is given.  The same evidence fires the guard in the other two cases: the test can fail."""
+    before = SimpleNamespace(text="a b", ids=[1, 2])
+    after = SimpleNamespace(text="a c", ids=[1, 3])
+    scores = dict(source_before=-0.1, source_after=-5.0)  # 14.7 nats less likely as a whole
+    greedy = judge.evidence(fastem.AdaptConfig(), before, after, 1.0, scores)
+    assert greedy.max_seq_logp_drop == 2.0 and judge.likelihood(greedy) is not None
+    beams = judge.evidence(fastem.AdaptConfig(num_beams=5), before, after, 1.0, scores)
+    assert beams.max_seq_logp_drop is None and judge.likelihood(beams) is None
+    asked = judge.evidence(fastem.AdaptConfig(num_beams=5, max_seq_logp_drop=2.0), before, after, 1.0, scores)
+    assert judge.likelihood(asked) is not None
+    assert fastem.AdaptConfig(max_seq_logp_drop="auto").seq_logp_limit == 2.0
+    for bad in ("bogus", True, None):
+        with pytest.raises(ValueError, match="max_seq_logp_drop"):
+            fastem.AdaptConfig(max_seq_logp_drop=bad)

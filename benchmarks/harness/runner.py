@@ -343,7 +343,10 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
     try:
         from fastem import AdaptConfig  # type: ignore
 
-        d = dataclasses.asdict(AdaptConfig(**overrides))
+        cfg = AdaptConfig(**overrides)
+        d = dataclasses.asdict(cfg)
+        if "max_seq_logp_drop" in d:  # "auto": the threshold the call uses (greedy 2.0, beams off)
+            d["max_seq_logp_drop"] = cfg.seq_logp_limit
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
         d = dict(overrides)
     d.pop("backend", None)  # the kernel backend does not change the result beyond float rounding
