@@ -40,7 +40,8 @@ def condition(domain: str) -> str:
     return "natural"
 
 
-def _names(row: dict) -> tuple[str, ...]:
+def guard_names(row: dict) -> tuple[str, ...]:
+    """The guards the row's call ran, from its recorded ``adapt`` settings."""
     guards = row.get("adapt", {}).get("guards", "()")
     names = tuple(ast.literal_eval(guards)) if isinstance(guards, str) else tuple(guards)
     adapt = row.get("adapt", {})
@@ -69,7 +70,7 @@ def verdicts(row: dict) -> dict[str, str | None]:
                         max_logp_drop=adapt.get("max_logp_drop", 1.5), max_length_ratio=adapt.get("max_length_ratio", 2.0),
                         max_verifier_drop=adapt.get("max_verifier_drop", 0.1),
                         max_seq_logp_drop=adapt.get("max_seq_logp_drop"))
-    return judge.verdicts(ev, _names(row))
+    return judge.verdicts(ev, guard_names(row))
 
 
 def _pct(a: int, b: int) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from breakdown import guard_names  # noqa: E402
 from guard_sweep import decide, normalized  # noqa: E402
 from harness.report import score  # noqa: E402
 
@@ -30,8 +31,7 @@ KEYS = ("max_seq_logp_drop", "max_verifier_drop", "max_logp_drop", "max_length_r
 
 def thresholds(row: dict, changes: dict[str, float | None]) -> dict[str, float | None]:
     """The row's own thresholds (its recorded ``adapt`` settings; a guard it did not run is off) with ``changes``."""
-    adapt = row.get("adapt") or {}
-    names = str(adapt.get("guards", ""))
+    adapt, names = row.get("adapt") or {}, guard_names(row)
     own = {"max_logp_drop": adapt.get("max_logp_drop") if "confidence" in names else None,
            "max_length_ratio": adapt.get("max_length_ratio") if "length" in names else None,
            "max_verifier_drop": adapt.get("max_verifier_drop") if "verifier" in names else None,
@@ -41,9 +41,8 @@ def thresholds(row: dict, changes: dict[str, float | None]) -> dict[str, float |
 
 def redecide(row: dict, name: str, changes: dict[str, float | None]) -> dict:
     t = thresholds(row, changes)
-    names = str((row.get("adapt") or {}).get("guards", ""))
     hyp = decide(normalized(row), t["max_logp_drop"], t["max_length_ratio"], 0.0,
-                 consensus=0.0 if "consensus" in names else None, verifier_drop=t["max_verifier_drop"],
+                 consensus=0.0 if "consensus" in guard_names(row) else None, verifier_drop=t["max_verifier_drop"],
                  seq_drop=t["max_seq_logp_drop"])
     return {**row, "method": name, "hyp": hyp, "errors": score(row["ref"], hyp, row["language"])[0],
             "changed": hyp != row["text_before"], "redecided": {k: t[k] for k in KEYS}}

@@ -344,9 +344,8 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
         from fastem import AdaptConfig  # type: ignore
 
         cfg = AdaptConfig(**overrides)
-        d = dataclasses.asdict(cfg)
-        if "max_seq_logp_drop" in d:  # "auto": the threshold the call uses (greedy 2.0, beams off)
-            d["max_seq_logp_drop"] = cfg.seq_logp_limit
+        # "auto" recorded as the threshold the call uses (greedy 2.0, beams off)
+        d = {**dataclasses.asdict(cfg), "max_seq_logp_drop": cfg.seq_logp_limit}
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
         d = dict(overrides)
     d.pop("backend", None)  # the kernel backend does not change the result beyond float rounding
