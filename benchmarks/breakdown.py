@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -27,17 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def condition(domain: str) -> str:
-    """``noise 0 dB``, ``noise 5 dB``, ``reverb``, ``natural``, ``channel``, from the domain's name."""
-    snr = re.search(r"_(\d+)db$", domain)
-    if "noise" in domain and snr:
-        return f"noise {snr.group(1)} dB"
-    if "reverb" in domain:
-        return "reverb"
-    if domain in ("telephone",) or domain.startswith(("clip_", "speed_")):
-        return "channel"
-    return "natural"
+from harness.report import condition  # noqa: E402
 
 
 def guard_names(row: dict) -> tuple[str, ...]:

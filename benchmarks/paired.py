@@ -12,7 +12,9 @@ A method in ``--pair A:B`` may carry a suffix naming another transcript of the s
 ``@before`` (the unadapted transcript the call compared against: greedy, or beam search with
 ``num_beams``) or ``@adapted`` (the adapted transcript before any guard).  Each pair prints one line:
 macro WER of A against B on the utterances both have, the paired 95% bootstrap interval of the relative
-change, and worse / better counts (``harness.report.paired_comparison``).
+change, and worse / better counts (``harness.report.paired_comparison``).  With ``--by-condition`` each
+pair is followed by the same line for each kind of shift (``natural``, ``noise 0 dB``, ``noise 5 dB``,
+``reverb``, ``channel``: ``harness.report.condition``), macro WER over that kind's domains.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.report import condition  # noqa: E402
 from harness.rerun import paired_line  # noqa: E402
 
 SUFFIXES = {"@before": "errors_before", "@adapted": "errors_adapted"}
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="+", metavar="ROWS", help="a rows file, or LABEL=PATH")
     ap.add_argument("--pair", action="append", required=True, metavar="A:B", help="A against B (repeatable)")
+    ap.add_argument("--by-condition", action="store_true", help="also each kind of shift on its own")
     args = ap.parse_args(argv)
     rows = load(args.rows)
     names = sorted({r["method"] for r in rows})
@@ -66,6 +70,11 @@ def main(argv=None) -> int:
         if not sep or missing:
             raise SystemExit(f"--pair {pair!r}: expected A:B with methods among {', '.join(names)}")
         print(paired_line(rows, a, b) or f"{a}: no utterance in common with {b}")
+        if args.by_condition:
+            for kind in sorted({condition(r["domain"]) for r in rows}):
+                line = paired_line([r for r in rows if condition(r["domain"]) == kind], a, b)
+                if line:
+                    print(f"  {kind}: {line}")
     return 0
 
 

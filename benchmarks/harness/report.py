@@ -160,6 +160,19 @@ def read_jsonl(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[d
 # aggregation
 # ------------------------------------------------------------------------------------------------
 
+def condition(domain: str) -> str:
+    """The kind of shift a domain is, from its name: ``noise 0 dB``, ``noise 5 dB`` (the SNR of a noise domain),
+    ``reverb``, ``channel`` (telephone, clipping, speed) or ``natural`` (real speech as recorded)."""
+    snr = re.search(r"_(\d+)db$", domain)
+    if "noise" in domain and snr:
+        return f"noise {snr.group(1)} dB"
+    if "reverb" in domain:
+        return "reverb"
+    if domain in ("telephone",) or domain.startswith(("clip_", "speed_")):
+        return "channel"
+    return "natural"
+
+
 def _ordered(values: Iterable[str], canonical: Sequence[str] = ()) -> list[str]:
     seen: list[str] = []
     for v in values:

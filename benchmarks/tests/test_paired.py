@@ -34,3 +34,16 @@ def test_labels_suffixes_and_beam_rows(tmp_path, capsys):
     assert "(-50.0%" in lines[2] and "(+100.0%" in lines[3]
     with pytest.raises(SystemExit, match="methods among"):
         paired.main(files + ["--pair", "m:nope"])
+
+
+def test_by_condition_splits_each_pair_by_kind_of_shift(tmp_path, capsys):
+    rows = []
+    for domain, e_m in (("noise_x_0db", 1), ("reverb_y", 6)):  # m helps the noise domain, harms the room
+        rows += [{"method": "none", "domain": domain, "utt_id": str(i), "ref_words": 10, "errors": 3} for i in range(2)]
+        rows += [{"method": "m", "domain": domain, "utt_id": str(i), "ref_words": 10, "errors": e_m} for i in range(2)]
+    path = _write(tmp_path / "r.jsonl", rows)
+    assert paired.main([path, "--pair", "m:none", "--by-condition"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "(+16.7%" in lines[0]  # macro (10% + 60%) / 2 against 30%
+    assert lines[1].startswith("  noise 0 dB: m: macro WER 10.00% vs none 30.00% (-66.7%") and "0 / 2 of 2" in lines[1]
+    assert lines[2].startswith("  reverb: m: macro WER 60.00% vs none 30.00% (+100.0%") and "2 / 0 of 2" in lines[2]
