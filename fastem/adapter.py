@@ -12,7 +12,11 @@ judged against the adapter's own drifted transcript, the guards would never see 
   **rolled back** (parameters and optimizer state as they were before the window; with
   ``rollback=False`` what it learnt is kept, only its transcript is refused);
 * after ``reset_after`` rejected windows in a row, or when any value becomes non-finite, the adapter
-  **resets** to the source weights with a fresh optimizer (``resets`` counts them).
+  **resets** to the source weights with a fresh optimizer (``resets`` counts them);
+* with ``anchor=a`` (0 by default), after each window whose update is kept every adapted value moves the
+  fraction ``a`` of the way back to the source model's value: what was learnt decays geometrically unless
+  the stream keeps teaching it, so the adapter stays within about ``lr / a`` of the source per value
+  (entropy minimization left to run over a stream otherwise drifts until it collapses).
 
 With LayerNorm parameter sets the adapted values live in the adapter (the user's model is never
 written); with other sets the model adapts in place and :meth:`Adapter.close` (or leaving the ``with``
@@ -42,10 +46,13 @@ class Adapter:
     """
 
     def __init__(self, model, processor=None, config: AdaptConfig | None = None, *, reset_after: int = 2,
-                 rollback: bool = True, **overrides):
+                 rollback: bool = True, anchor: float = 0.0, **overrides):
         self.config = dataclasses.replace(config or AdaptConfig(), **overrides)
         if reset_after < 1:
             raise ValueError(f"reset_after must be >= 1, got {reset_after!r}")
+        if not 0.0 <= anchor < 1.0:
+            raise ValueError(f"anchor must be in [0, 1), got {anchor!r}")
+        self.anchor = float(anchor)
         self.model = model
         self.processor = processor
         self.reset_after = reset_after
@@ -68,6 +75,7 @@ class Adapter:
         binding = Binding(self.model, self.named, 1)
         self._state = State(binding=binding, optimizer=make_optimizer(self.config, binding.tensors),
                             source=self.snapshot if binding.direct else None)
+        self._source_values = binding.rows()
         self._rejected_in_a_row = 0
         if count:
             self.resets += 1
@@ -142,6 +150,8 @@ class Adapter:
             self._rejected_in_a_row += 1
         else:
             self._rejected_in_a_row = 0
+        if self.anchor and result.history and not (self.rollback and result.guard is not None) and not skipped:
+            self._state.binding.pull_toward(self._source_values, self.anchor)
         if self._rejected_in_a_row >= self.reset_after or skipped or not self._finite():
             self.reset()
             result.scores["reset"] = True

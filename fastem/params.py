@@ -331,6 +331,13 @@ class Binding:
         self.after_step()
 
     @torch.no_grad()
+    def pull_toward(self, values: list[torch.Tensor], fraction: float) -> None:
+        """Move every adapted value ``fraction`` of the way back to ``values`` (e.g. the source model's)."""
+        for t, v in zip(self.tensors, values):
+            t.lerp_(v.to(device=t.device, dtype=t.dtype), fraction)
+        self.after_step()
+
+    @torch.no_grad()
     def commit(self, row: int = 0) -> None:
         """Per utterance: write utterance ``row``'s values into the model's LayerNorms."""
         if self.direct:

@@ -164,3 +164,23 @@ def test_without_rollback_a_rejected_call_keeps_what_it_learnt_but_not_its_trans
         second = adapter.adapt(audio, **KW)
         assert second.guard is not None and second.scores.get("reset") and adapter.resets == 1
         assert all(torch.equal(a, b) for a, b in zip(start, adapter.state_dict()["values"]))
+
+
+@pytest.mark.parametrize("params", ["layernorm", "decoder"])
+def test_anchor_pulls_what_was_learnt_back_toward_the_source(model, processor, params):
+    """``anchor=a``: after a kept update every adapted value is the fraction ``a`` of the way back to the
+    source model's value (the same call without the anchor says where the update went)."""
+    audio = speechlike(seed=4)
+    with fastem.Adapter(model, processor, params=params, **CFG) as free:
+        source = free.state_dict()["values"]
+        assert free.adapt(audio, **KW).history
+        learnt = free.state_dict()["values"]
+    with fastem.Adapter(model, processor, params=params, anchor=0.25, **CFG) as anchored:
+        result = anchored.adapt(audio, **KW)
+        pulled = anchored.state_dict()["values"]
+    assert result.guard is None and result.history
+    assert any(not torch.equal(a, b) for a, b in zip(source, learnt)), "the call learnt nothing: the test says nothing"
+    for s, a, p in zip(source, learnt, pulled):
+        torch.testing.assert_close(p, s + 0.75 * (a - s), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="anchor"):
+        fastem.Adapter(model, processor, anchor=1.0)
