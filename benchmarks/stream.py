@@ -8,7 +8,8 @@ becomes non-finite.
 
 The stream: the first ``--n`` speechocean762 utterances (Mandarin-L1 children and adults reading
 English) in the benchmark's fixed pseudo-random order, each mixed with real kitchen noise
-(``doing_the_dishes``) at ``--snr`` dB, as the domain benchmark mixes it.  A mode is ``none``,
+(``doing_the_dishes``; ``--noise``) at ``--snr`` dB, as the domain benchmark mixes it.  With ``--data`` set to
+the CONFIRM set and a CONFIRM noise, the same stream is built from held-out speakers and noise.  A mode is ``none``,
 ``episodic`` or ``continual``, optionally with AdaptConfig overrides (``continual:steps=2,lr=1e-3``).
 
 Rows (one JSON object per utterance and mode) are appended to ``--out`` as they finish, so a run
@@ -233,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny.en")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--snr", type=float, default=5.0)
+    ap.add_argument("--noise", default="doing_the_dishes",
+                    help="the noise's id in <data>/noise (a CONFIRM stream: --data ../shared/confirm --noise sb_noise1)")
     ap.add_argument("--modes", default="none,continual:steps=2,episodic")
     ap.add_argument("--batch-size", type=int, default=8, help="episodic: utterances adapted at once")
     ap.add_argument("--data", default=str(_REPO.parent / "shared" / "data"))
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
         import fastem
 
         data_dir = Path(args.data)
-        domain, utts = build_stream(data_dir, args.n, args.snr)
+        domain, utts = build_stream(data_dir, args.n, args.snr, args.noise)
         model, processor = fastem.load_whisper(args.model)
         for spec, kind, overrides in modes:
             done = {(r["mode"], r["index"]) for r in read_rows(out)}
