@@ -30,13 +30,27 @@ _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
 
 
+def _split(text: str) -> list[str]:
+    """Split at the commas outside brackets (a JSON list value keeps its own commas)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in parts + [cur] if p]
+
+
 def parse_mode(spec: str) -> tuple[str, str, dict]:
-    """``"continual:steps=2,lr=1e-3"`` -> ``("continual:steps=2,lr=1e-3", "continual", {...})``."""
+    """``"continual:steps=2,lr=1e-3"`` -> ``("continual:steps=2,lr=1e-3", "continual", {...})``; a value may be
+    JSON, lists included (``guards=["empty","length"]``)."""
     kind, _, rest = spec.partition(":")
     if kind not in ("none", "episodic", "continual"):
         raise SystemExit(f"unknown mode {kind!r} (none, episodic, continual)")
     overrides = {}
-    for item in filter(None, rest.split(",")):
+    for item in _split(rest):
         key, _, value = item.partition("=")
         try:
             overrides[key] = json.loads(value)
@@ -48,7 +62,7 @@ def parse_mode(spec: str) -> tuple[str, str, dict]:
 def parse_modes(text: str) -> list[tuple[str, str, dict]]:
     """``"none,continual:steps=2,lr=1e-3,episodic"``: a new mode starts at each known kind."""
     specs: list[str] = []
-    for part in filter(None, text.split(",")):
+    for part in _split(text):
         if part.split(":")[0] in ("none", "episodic", "continual") or not specs:
             specs.append(part)
         else:

@@ -15,6 +15,9 @@ def test_modes_split_at_known_kinds_and_keep_override_commas():
     assert modes == [("none", "none", {}),
                      ("continual:steps=2,lr=1e-3", "continual", {"steps": 2, "lr": 1e-3}),
                      ("episodic:objective=suta", "episodic", {"objective": "suta"})]
+    modes = stream.parse_modes('none,continual:steps=1,guards=["empty","length"],rollback=false')
+    assert modes[1] == ('continual:steps=1,guards=["empty","length"],rollback=false', "continual",
+                        {"steps": 1, "guards": ["empty", "length"], "rollback": False})
     with pytest.raises(SystemExit, match="unknown mode"):
         stream.parse_modes("sometimes")
 
