@@ -173,6 +173,10 @@ def run_mode(spec, kind, overrides, model, processor, domain, utts, data_dir, ou
 
 
 def summarize(rows: list[dict], n: int, language: str = "en") -> str:
+    """The table: WER overall and by half, the change against ``none`` with its paired 95% bootstrap interval
+    (utterances resampled, ``harness.report.paired_comparison``), worse / better, and the Adapter's counters."""
+    from harness.report import paired_comparison
+
     from fastem.text import word_errors
 
     by_mode: dict[str, dict[int, dict]] = {}
@@ -198,6 +202,12 @@ def summarize(rows: list[dict], n: int, language: str = "en") -> str:
         second = wer_of(e, [i for i in idx if i >= half])
         common = [i for i in idx if i in base]
         rel = (w / wer_of(base, common) - 1) if common and mode != "none" else float("nan")
+        ci = ""
+        if common and mode != "none":  # the paired bootstrap of the domain benchmark, over the stream's utterances
+            pairs = [{"method": m, "domain": "stream", "utt_id": i, "errors": src[i][0], "ref_words": src[i][1]}
+                     for m, src in (("none", base), (mode, e)) for i in common]
+            p = paired_comparison(pairs, mode)
+            ci = f" [{p['ci_low']:+.1%}, {p['ci_high']:+.1%}]" if p and p["ci_low"] is not None else ""
         worse = sum(e[i][0] > base[i][0] for i in common) if mode != "none" else 0
         better = sum(e[i][0] < base[i][0] for i in common) if mode != "none" else 0
         guards = sum(1 for i in idx if rs[i].get("guard"))
@@ -205,7 +215,7 @@ def summarize(rows: list[dict], n: int, language: str = "en") -> str:
         nonfinite = sum(1 for i in idx if rs[i].get("finite") is False)
         secs = sum(rs[i]["seconds"] for i in idx) / len(idx)
         lines.append(f"| {mode} | {len(idx)} | {w:.1%} | {first:.1%} | {second:.1%} | "
-                     f"{'' if mode == 'none' else f'{rel:+.1%}'} | {'' if mode == 'none' else f'{worse} / {better}'} | "
+                     f"{'' if mode == 'none' else f'{rel:+.1%}{ci}'} | {'' if mode == 'none' else f'{worse} / {better}'} | "
                      f"{guards if mode != 'none' else ''} | {last.get('rollbacks', '')} | {last.get('resets', '')} | "
                      f"{nonfinite if 'finite' in last else ''} | {secs:.1f} |")
     return "\n".join(lines)

@@ -36,5 +36,7 @@ def test_summary_counts_errors_halves_and_resets():
     assert none[3].strip() == "33.3%"  # 2 errors / 6 words
     assert cont[3].strip() == "16.7%"  # 1 / 6
     assert cont[4].strip() == "25.0%" and cont[5].strip() == "0.0%"  # first half / second half
-    assert cont[6].strip() == "-50.0%" and cont[7].strip() == "1 / 1"
+    # paired bootstrap over the two utterances: both drawn -50%, the second twice -100%, the first twice dropped
+    # (its unadapted transcript has no error, the adapted one has one)
+    assert cont[6].strip() == "-50.0% [-100.0%, -50.0%]" and cont[7].strip() == "1 / 1"
     assert [c.strip() for c in cont[8:12]] == ["1", "1", "1", "0"]
