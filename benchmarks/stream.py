@@ -202,14 +202,13 @@ def summarize(rows: list[dict], n: int, language: str = "en") -> str:
         second = wer_of(e, [i for i in idx if i >= half])
         common = [i for i in idx if i in base]
         rel = (w / wer_of(base, common) - 1) if common and mode != "none" else float("nan")
-        ci = ""
+        p = None
         if common and mode != "none":  # the paired bootstrap of the domain benchmark, over the stream's utterances
             pairs = [{"method": m, "domain": "stream", "utt_id": i, "errors": src[i][0], "ref_words": src[i][1]}
                      for m, src in (("none", base), (mode, e)) for i in common]
             p = paired_comparison(pairs, mode)
-            ci = f" [{p['ci_low']:+.1%}, {p['ci_high']:+.1%}]" if p and p["ci_low"] is not None else ""
-        worse = sum(e[i][0] > base[i][0] for i in common) if mode != "none" else 0
-        better = sum(e[i][0] < base[i][0] for i in common) if mode != "none" else 0
+        ci = f" [{p['ci_low']:+.1%}, {p['ci_high']:+.1%}]" if p and p["ci_low"] is not None else ""
+        worse, better = (p["worse"], p["better"]) if p else (0, 0)
         guards = sum(1 for i in idx if rs[i].get("guard"))
         last = rs[idx[-1]]
         nonfinite = sum(1 for i in idx if rs[i].get("finite") is False)

@@ -143,14 +143,13 @@ class Adapter:
             raise
         self.calls += 1
         skipped = any(h.get("skipped") for h in result.history)
-        if result.guard is not None or skipped:
-            if self.rollback or skipped:
-                self._rollback(saved)
-                self.rollbacks += 1
-            self._rejected_in_a_row += 1
-        else:
-            self._rejected_in_a_row = 0
-        if self.anchor and result.history and not (self.rollback and result.guard is not None) and not skipped:
+        rejected = result.guard is not None or skipped
+        rolled_back = rejected and (self.rollback or skipped)
+        if rolled_back:
+            self._rollback(saved)
+            self.rollbacks += 1
+        self._rejected_in_a_row = self._rejected_in_a_row + 1 if rejected else 0
+        if self.anchor and result.history and not rolled_back:  # an update was kept
             self._state.binding.pull_toward(self._source_values, self.anchor)
         if self._rejected_in_a_row >= self.reset_after or skipped or not self._finite():
             self.reset()
