@@ -201,7 +201,8 @@ def summarize(rows: list[dict], n: int, language: str = "en") -> str:
         first = wer_of(e, [i for i in idx if i < half])
         second = wer_of(e, [i for i in idx if i >= half])
         common = [i for i in idx if i in base]
-        rel = (w / wer_of(base, common) - 1) if common and mode != "none" else float("nan")
+        # over the rows both have (a partial run's rows are a prefix of the stream)
+        rel = (wer_of(e, common) / wer_of(base, common) - 1) if common and mode != "none" else float("nan")
         p = None
         if common and mode != "none":  # the paired bootstrap of the domain benchmark, over the stream's utterances
             pairs = [{"method": m, "domain": "stream", "utt_id": i, "errors": src[i][0], "ref_words": src[i][1]}

@@ -40,3 +40,12 @@ def test_summary_counts_errors_halves_and_resets():
     # (its unadapted transcript has no error, the adapted one has one)
     assert cont[6].strip() == "-50.0% [-100.0%, -50.0%]" and cont[7].strip() == "1 / 1"
     assert [c.strip() for c in cont[8:12]] == ["1", "1", "1", "0"]
+
+
+def test_relative_change_compares_the_same_rows_when_one_mode_ran_further():
+    # `none` stopped after the first utterance; the change must not mix the continual run's second row in
+    rows = [_row("none", 0, "a b c d", "a b x x"),
+            _row("continual", 0, "a b c d", "a b c x"), _row("continual", 1, "e f", "x y")]
+    cont = stream.summarize(rows, 2).splitlines()[3].split("|")
+    assert cont[3].strip() == "50.0%"  # the mode's own WER is over all its rows: 3 / 6
+    assert cont[6].strip().startswith("-50.0%")  # 1 error against 2 on utterance 0 alone
