@@ -13,6 +13,8 @@ Rows (each timed on the real path, ``fastem.adapt`` itself, medians over ``--rep
   K = 4, against a straightforward step built on ``generate``: K samples from
   ``generate(do_sample=True, num_return_sequences=K)``, a teacher-forced forward with full logits
   (encoder included), backward.
+* ``define``: each ``--define NAME=key=value;key=value`` config (the syntax of ``wer_domains.py``), forced
+  past the gate, in units of the plain transcription: a candidate default's cost beside today's.
 * ``beam``: ``transcribe(num_beams=k)`` and ``adapt(num_beams=k)`` forced past the gate, in units of a
   greedy transcription (``--beams``, default 5).
 * ``sampling``: fastem's K = 4 sampling loop against ``generate(do_sample=True, num_return_sequences=4)``.
@@ -45,6 +47,7 @@ import torch  # noqa: E402
 import fastem  # noqa: E402
 from fastem import sampling, whisper  # noqa: E402
 from harness.naive import full_logits_backward, median_seconds  # noqa: E402
+from harness.runner import parse_definition  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -99,6 +102,15 @@ def _adapt_rows(rows, model, audio, cfg, kw, seconds, repeats) -> None:
         lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, encoder_context="clip", **kw), repeats)
     rows["adapt_forced_clip_over_transcribe"] = rows["adapt_forced_clip_s"] / rows["transcribe_s"]
     rows["rss_after_adapt_MiB"] = _rss_mib()
+
+
+def _defined_rows(rows, model, audio, cfg, kw, definitions, repeats) -> None:
+    """Each ``--define``'d config forced past the gate, beside the default's ``adapt_forced`` row."""
+    for name, overrides in definitions.items():
+        over = {**overrides, "min_entropy": 0.0}
+        rows[f"adapt_forced_{name}_s"] = median_seconds(
+            lambda: fastem.adapt(model, audio, config=cfg, **over, **kw), repeats)
+        rows[f"adapt_forced_{name}_over_transcribe"] = rows[f"adapt_forced_{name}_s"] / rows["transcribe_s"]
 
 
 def _source_context(model, processor, audio, seconds):
@@ -168,7 +180,7 @@ def _batch_rows(rows, model, kw, args) -> None:
                              "audio_s": sum(c.numel() for c in clips) / 16000, "rss_MiB": _rss_mib()}
 
 
-SECTIONS = ("adapt", "beam", "step", "sampling", "batch")
+SECTIONS = ("adapt", "define", "beam", "step", "sampling", "batch")
 
 
 def main(argv=None) -> int:
@@ -180,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--beams", type=int, default=5)
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=KEY=VALUE;KEY=VALUE",
+                    help="a config to time forced past the gate (section define; repeatable)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, among {', '.join(SECTIONS)}")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -203,6 +217,10 @@ def main(argv=None) -> int:
 
     if "adapt" in sections:
         _adapt_rows(rows, model, audio, cfg, kw, seconds, args.repeats)
+    if "define" in sections and args.define:
+        definitions = dict(parse_definition(text) for text in args.define)
+        rows["definitions"] = definitions
+        _defined_rows(rows, model, audio, cfg, kw, definitions, args.repeats)
     if "beam" in sections:
         _beam_rows(rows, model, audio, cfg, kw, args.beams, args.repeats)
     if sections & {"step", "sampling"}:  # the source model's encoder output and prompts, computed once
