@@ -184,6 +184,8 @@ def leave_one_domain_out(rows: list[dict], base: list[tuple[int, int]], settings
             d = per[label].setdefault(r["domain"], [0, 0, 0, 0])
             d[0], d[1], d[2], d[3] = d[0] + e, d[1] + n, d[2] + (e > eb), d[3] + 1
     domains = sorted(unadapted)
+    if len(domains) < 2:
+        raise ValueError(f"leaving one domain out needs at least two domains, the rows have {len(domains)}")
 
     def wer(label, d):
         return per[label][d][0] / per[label][d][1]
@@ -373,7 +375,7 @@ def main(argv=None) -> int:
         settings = {f"verifier {v}, likelihood {q}": setting(None if v == "off" else float(v),
                                                              None if q == "off" else float(q))
                     for v in ["off"] + args.verifier_drops.split(",") for q in ["off"] + args.seq_drops.split(",")}
-        default = f"verifier {lib.max_verifier_drop:g}, likelihood {lib.max_seq_logp_drop:g}"
+        default = f"verifier {lib.max_verifier_drop:g}, likelihood {lib.seq_logp_limit:g}"
         if default not in settings:
             ap.error(f"--lodo: the grid must hold the default pair ({default})")
         print("\n" + lodo_markdown(leave_one_domain_out(rows, base, settings, default, args.max_worse), default))

@@ -112,6 +112,13 @@ def test_grid_crosses_the_verifier_and_likelihood_thresholds(tmp_path, capsys):
     grid = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[7].strip()
             for line in out.split("max_verifier_drop | max_seq_logp_drop")[1].splitlines()[2:] if line.startswith("|")}
     assert grid == {("off", "off"): "1 / 1", ("off", "2"): "1 / 0", ("0.1", "off"): "0 / 1", ("0.1", "2"): "0 / 0"}
+    # the same rows through --lodo (one domain each): the library's pair (0.1, and "auto" resolved to 2 nats for
+    # greedy decoding) must be found in the grid, and the table printed
+    rows[1]["domain"] = "e"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sweep.main([str(path), "--method", "m", "--drops", "none", "--ratios", "none",
+                       "--verifier-drops", "0.1", "--seq-drops", "2", "--lodo"]) == 0
+    assert "verifier 0.1, likelihood 2" in capsys.readouterr().out
 
 
 def test_leave_one_domain_out_judges_each_domain_on_a_choice_made_without_it():
