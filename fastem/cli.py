@@ -25,7 +25,8 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                    help="stop a clip's steps once two steps in a row drew one and the same transcript")
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--num-samples", type=_samples, default=d.num_samples, metavar="K",
+                   help="hypotheses per step (default auto: 4 greedy, 8 with --beams)")
     p.add_argument("--beams", type=int, default=d.num_beams, metavar="K",
                    help="decode every transcript by beam search with K beams (default 1: greedy)")
     p.add_argument("--params", default=d.params, choices=["layernorm", "decoder", "encoder", "all"])
@@ -61,6 +62,10 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
 
 def _snrs(text: str) -> tuple:
     return tuple(None if t.strip().lower() == "clean" else float(t) for t in text.split(",") if t.strip())
+
+
+def _samples(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else int(text)
 
 
 def _seq_drop(text: str) -> float | str | None:

@@ -74,3 +74,29 @@ def test_adapt_with_beams_decodes_both_transcripts_by_beam_search(processor):
     for bad in (0, 1.5, "3"):
         with pytest.raises(ValueError, match="num_beams"):
             fastem.AdaptConfig(num_beams=bad)
+
+
+def test_samples_per_step_are_four_greedy_and_eight_with_beams_unless_set(processor, monkeypatch):
+    """``num_samples="auto"`` (the default): the loop draws K = 4 hypotheses per step with greedy decoding and
+    K = 8 with beam search; an integer is taken as given; bad values are named."""
+    import fastem.loop as loop
+
+    drawn = []
+    real = loop.decode
+
+    def spy(*args, **kwargs):
+        drawn.append(kwargs["num_samples"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "decode", spy)
+    model = tiny_whisper(seed=1, eos_strength=3.0)
+    audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
+    kw = dict(processor=processor, language="en", max_new_tokens=6, steps=1, lr=1e-2, min_entropy=0.0, **PLAIN)
+    for extra, k in ((dict(), 4), (dict(num_beams=3), 8), (dict(num_beams=3, num_samples=3), 3)):
+        drawn.clear()
+        fastem.adapt(model, audio, **extra, **kw)
+        assert drawn == [k], (extra, drawn)
+    assert fastem.AdaptConfig().samples == 4 and fastem.AdaptConfig(num_beams=5).samples == 8
+    for bad in (0, 2.5, True, "eight"):
+        with pytest.raises(ValueError, match="num_samples"):
+            fastem.AdaptConfig(num_samples=bad)
