@@ -94,23 +94,24 @@ def _adapt_rows(rows, model, audio, cfg, kw, seconds, repeats) -> None:
     rows["adapt_skipped"] = str(results[-1].skipped)  # "confident": the min_entropy gate kept the transcript
     rows["entropy_before"] = results[-1].scores.get("entropy_before")
     # The same config forced to adapt (min_entropy=0): what a clip the gate lets through costs.
-    rows["adapt_forced_s"] = median_seconds(lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, **kw),
-                                          repeats)
-    rows["adapt_forced_over_transcribe"] = rows["adapt_forced_s"] / rows["transcribe_s"]
+    _forced_rows(rows, "adapt_forced", model, audio, cfg, kw, repeats)
     # The same, with the encoder of the steps on the clip's own length (encoder_context="clip", opt in).
-    rows["adapt_forced_clip_s"] = median_seconds(
-        lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, encoder_context="clip", **kw), repeats)
-    rows["adapt_forced_clip_over_transcribe"] = rows["adapt_forced_clip_s"] / rows["transcribe_s"]
+    _forced_rows(rows, "adapt_forced_clip", model, audio, cfg, kw, repeats, encoder_context="clip")
     rows["rss_after_adapt_MiB"] = _rss_mib()
+
+
+def _forced_rows(rows, key, model, audio, cfg, kw, repeats, **overrides) -> None:
+    """``<key>_s``: ``adapt`` with ``overrides``, forced past the gate (``min_entropy=0``, whatever they say);
+    ``<key>_over_transcribe``: that in units of the plain transcription."""
+    over = {**overrides, "min_entropy": 0.0}
+    rows[f"{key}_s"] = median_seconds(lambda: fastem.adapt(model, audio, config=cfg, **over, **kw), repeats)
+    rows[f"{key}_over_transcribe"] = rows[f"{key}_s"] / rows["transcribe_s"]
 
 
 def _defined_rows(rows, model, audio, cfg, kw, definitions, repeats) -> None:
     """Each ``--define``'d config forced past the gate, beside the default's ``adapt_forced`` row."""
     for name, overrides in definitions.items():
-        over = {**overrides, "min_entropy": 0.0}
-        rows[f"adapt_forced_{name}_s"] = median_seconds(
-            lambda: fastem.adapt(model, audio, config=cfg, **over, **kw), repeats)
-        rows[f"adapt_forced_{name}_over_transcribe"] = rows[f"adapt_forced_{name}_s"] / rows["transcribe_s"]
+        _forced_rows(rows, f"adapt_forced_{name}", model, audio, cfg, kw, repeats, **overrides)
 
 
 def _source_context(model, processor, audio, seconds):
@@ -126,9 +127,7 @@ def _beam_rows(rows, model, audio, cfg, kw, k, repeats) -> None:
     """``transcribe(num_beams=k)`` and ``adapt(num_beams=k)`` forced past the gate, over a greedy transcription."""
     rows[f"transcribe_beam{k}_s"] = median_seconds(lambda: fastem.transcribe(model, audio, num_beams=k, **kw), repeats)
     rows[f"transcribe_beam{k}_over_transcribe"] = rows[f"transcribe_beam{k}_s"] / rows["transcribe_s"]
-    rows[f"adapt_forced_beam{k}_s"] = median_seconds(
-        lambda: fastem.adapt(model, audio, config=cfg, min_entropy=0.0, num_beams=k, **kw), repeats)
-    rows[f"adapt_forced_beam{k}_over_transcribe"] = rows[f"adapt_forced_beam{k}_s"] / rows["transcribe_s"]
+    _forced_rows(rows, f"adapt_forced_beam{k}", model, audio, cfg, kw, repeats, num_beams=k)
 
 
 def _step_rows(rows, model, audio, kw, context, repeats) -> None:
