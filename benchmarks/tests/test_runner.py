@@ -412,6 +412,14 @@ def test_a_verifier_switched_off_leaves_the_row_key_alone():
     assert resolved_adapt_config({"num_beams": 5})["num_beams"] == 5
 
 
+def test_auto_samples_are_keyed_as_the_k_the_call_draws():
+    """``num_samples="auto"`` is keyed as the K it resolves to, so rows of a written-out K stay valid."""
+    assert resolved_adapt_config({})["num_samples"] == 4
+    assert resolved_adapt_config({}) == resolved_adapt_config({"num_samples": 4})
+    assert resolved_adapt_config({"num_beams": 5}) == resolved_adapt_config({"num_beams": 5, "num_samples": 8})
+    assert resolved_adapt_config({"num_beams": 5}) != resolved_adapt_config({"num_beams": 5, "num_samples": 4})
+
+
 def test_changing_a_definition_reruns_only_that_method(synth, tmp_path):
     def cfg(lr):
         return _cfg(synth, methods=["none", "em", "mine"], definitions={"mine": {"objective": "em", "lr": lr}})
