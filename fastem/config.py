@@ -21,15 +21,14 @@ class AdaptConfig:
 
     **What a user sets**
 
-    steps:          optimizer steps on each utterance: "auto" (default) takes 5 with greedy decoding and 10 with
-                    beam search (``num_beams > 1``), the counts chosen on DEV for each (RESULTS.md, "Five steps of
-                    eight samples" and "Eight samples per step with beams"); an integer sets them; 0 transcribes
-                    without adapting.
+    steps:          optimizer steps on each utterance (10); 0 transcribes without adapting.
     stop_when_settled: stop an utterance's steps once two steps in a row drew one and the same sequence
                     (all K samples alike, and alike the step before's: its distribution has settled on
                     it); the steps left are not run (False: always ``steps``; opt in, see RESULTS.md).
     lr:             AdamW learning rate (2e-3).
-    num_samples:    K hypotheses drawn per step (8).
+    num_samples:    K hypotheses drawn per step: "auto" (default) draws 4 with greedy decoding and 8 with beam
+                    search (``num_beams > 1``), the counts chosen on DEV for each (RESULTS.md, "Eight samples per
+                    step with beams"); an integer sets K.
     params:         the parameters that adapt: "layernorm" (every LayerNorm, the default),
                     "layernorm:decoder", "layernorm:encoder", "layernorm:topN", "decoder", "encoder",
                     "all", or a callable ``(name, parameter) -> bool`` (:mod:`fastem.params`).
@@ -86,10 +85,10 @@ class AdaptConfig:
     """
 
     # what a user sets
-    steps: int | str = "auto"
+    steps: int = 10
     stop_when_settled: bool = False
     lr: float = 2e-3
-    num_samples: int = 8
+    num_samples: int | str = "auto"
     params: Any = "layernorm"
     objective: str = "em"
     num_beams: int = 1
@@ -124,14 +123,15 @@ class AdaptConfig:
         if self.episodic is not True:
             raise ValueError("every fastem.adapt call is episodic (the model is restored afterwards); to keep "
                              "adapting across calls use fastem.Adapter(model, processor).adapt(audio)")
-        if self.steps != "auto" and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
-            raise ValueError(f"steps must be 'auto' or an integer >= 0, got {self.steps!r}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise ValueError(f"num_beams must be an integer >= 1 (1: greedy), got {self.num_beams!r}")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
+        if self.num_samples != "auto" and (isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int)
+                                           or self.num_samples < 1):
+            raise ValueError(f"num_samples must be 'auto' or an integer >= 1, got {self.num_samples!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.baseline not in BASELINES:
@@ -144,7 +144,7 @@ class AdaptConfig:
                              "or objective='entropy')")
         if self.objective == "suta" and self.hypotheses == "sample":
             raise ValueError("objective='suta' adapts on the greedy pseudo-label (hypotheses='greedy' or 'auto')")
-        if self.objective in POLICY_OBJECTIVES and self.baseline == "loo" and self.num_samples < 2:
+        if self.objective in POLICY_OBJECTIVES and self.baseline == "loo" and self.samples < 2:
             raise ValueError("baseline='loo' needs num_samples >= 2 (with one sample it is no baseline): raise "
                              "num_samples or pass baseline='none'")
         check_param_spec(self.params)
@@ -195,12 +195,12 @@ class AdaptConfig:
         return self.hypotheses == "greedy" or (self.hypotheses == "auto" and self.objective in ("entropy", "suta"))
 
     @property
-    def step_count(self) -> int:
-        """The optimizer steps on each utterance: ``steps`` resolved ("auto": 5 with greedy decoding, 10 with
+    def samples(self) -> int:
+        """K, the hypotheses drawn per step: ``num_samples`` resolved ("auto": 4 with greedy decoding, 8 with
         beam search)."""
-        if self.steps == "auto":
-            return 10 if self.num_beams > 1 else 5
-        return self.steps
+        if self.num_samples == "auto":
+            return 8 if self.num_beams > 1 else 4
+        return self.num_samples
 
     @property
     def seq_logp_limit(self) -> float | None:

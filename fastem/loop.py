@@ -133,7 +133,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
     binding.before_backward()
     with torch.enable_grad():
         cross = encoder.adapted_cross(model, binding.over, short=True)  # after before_backward: direct sets have grads
-        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples, greedy=cfg.uses_greedy_hypotheses,
+        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)
         losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
