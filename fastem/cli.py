@@ -39,7 +39,8 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                         f"adapted one more than NATS per token less likely than its own (default {d.max_logp_drop:g}; "
                         "0: accept only transcripts the unadapted model also prefers, the safe setting)")
     p.add_argument("--max-seq-logp-drop", type=_seq_drop, default=d.max_seq_logp_drop, metavar="NATS",
-                   help="the likelihood guard: keep the unadapted transcript when the unadapted model finds the "
+                   help="the likelihood guard (not run by default; a value here runs it): keep the unadapted "
+                        "transcript when the unadapted model finds the "
                         "adapted one, as a whole, more than NATS less likely than its own (default "
                         f"{d.max_seq_logp_drop}: {AdaptConfig().seq_logp_limit:g} greedy, off with --beams > 1; "
                         "'none': the guard off; 0: the strictest)")
@@ -135,8 +136,11 @@ def _decode_rules(args) -> dict:
 
 
 def _config(args) -> AdaptConfig:
-    """``--max-seq-logp-drop none`` and ``--verifier none`` leave their guard out of ``guards``."""
+    """``--max-seq-logp-drop none`` and ``--verifier none`` leave their guard out of ``guards``; a threshold given
+    to ``--max-seq-logp-drop`` runs the likelihood guard, which the default guards leave out."""
     off = {"likelihood"} if args.max_seq_logp_drop is None else set()
+    if isinstance(args.max_seq_logp_drop, float) and "likelihood" not in args.guards:
+        args.guards = tuple(args.guards) + ("likelihood",)
     off |= {"verifier"} if args.verifier is None else set()
     d = AdaptConfig()
     return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr,

@@ -49,9 +49,11 @@ class AdaptConfig:
     min_entropy:    the gate: an utterance whose greedy transcript has a mean next-token entropy below
                     this (nats, 1.0) is not adapted (``result.skipped == "confident"``); 0 adapts all.
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`;
-                    default all eight); when one fires the unadapted transcript is returned; ``()``: none.
+                    default every one but "likelihood", :data:`fastem.judge.DEFAULT_GUARDS`); when one fires
+                    the unadapted transcript is returned; ``()``: none.
     max_logp_drop:  "confidence": most the source model's mean log-prob per token may fall (1.5 nats).
-    max_seq_logp_drop: "likelihood": most the source model's total log-prob of the transcript may fall (nats);
+    max_seq_logp_drop: "likelihood" (not run by default; name it in ``guards``): most the source model's total
+                    log-prob of the transcript may fall (nats);
                     "auto" (default): 2.0 with greedy decoding, off with beam search (``num_beams > 1``), where
                     the unadapted transcript is the source model's own search for its most likely one, so any
                     change lowers that likelihood by construction (RESULTS.md, "The likelihood guard with beams").

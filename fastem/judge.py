@@ -184,9 +184,11 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "likelihood": likelihood,
     "verifier": verifier,
 }
-#: every guard, in the order they are checked: the cheap textual ones first, then those that need the
-#: models' scores, then the second checkpoint's vote
-DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "likelihood", "verifier")
+#: the guards that run unless ``guards=`` says otherwise, in the order they are checked: the cheap textual
+#: ones first, then those that need the models' scores, then the second checkpoint's vote.  Every guard but
+#: ``likelihood``: on DEV it rejected more gains than harms with greedy decoding too (RESULTS.md, "The
+#: likelihood guard with greedy decoding"); ask for it by name, or give the CLI a threshold.
+DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "verifier")
 #: the guards that judge by the source and the adapted model's scores of both transcripts (the loop computes
 #: them only when one of these is checked)
 SCORED = frozenset({"confidence", "consensus", "likelihood"})

@@ -9,8 +9,8 @@ them with the output head and no logits are materialised); as Whisper's audio is
 is read once per step into a key/value cache that every row continues.  :class:`LMInputs` is the rest of the
 difference: prompts (a string, or chat messages rendered by the tokenizer's chat template) instead of
 audio, a token budget instead of one per second of audio, plain greedy decoding (Whisper's fallback
-rules are about speech).  Everything else (the gate, the steps, the objectives, the judge's text guards
-and the likelihood guard, the exact restore) is the same code.
+rules are about speech).  Everything else (the gate, the steps, the objectives, the judge, the exact
+restore) is the same code.
 
 The adapted parameters change the model in place (the "direct" binding, one prompt at a time): every
 normalization layer by default (``params="layernorm"`` takes RMSNorm too); the call restores them

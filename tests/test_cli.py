@@ -210,6 +210,7 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert verifiers[-1][0] is None and "verifier" not in seen[-1]  # 'none' leaves the guard out
     assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "0"]) == 0
     assert seq_drops[-1] == 0.0 and seq_drops[0] == fastem.AdaptConfig().max_seq_logp_drop == "auto"
+    assert "likelihood" in seen[-1] and "likelihood" not in seen[0]  # a threshold runs the guard the default leaves out
     assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "none"]) == 0
     assert "likelihood" not in seen[-1] and "verifier" in seen[-1]
     with pytest.raises(SystemExit):

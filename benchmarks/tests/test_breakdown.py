@@ -28,3 +28,12 @@ def test_counts_and_guard_precision_recall():
     assert lines["consensus"].replace(" ", "") == "|consensus|1|1(100%)|1of2(50%)|0(0%)|"
     assert lines["likelihood"].replace(" ", "") == "|likelihood|1|0(0%)|0of2(0%)|1(100%)|"
     assert breakdown.condition("confirm_noise_sheep_5db") == "noise 5 dB" and breakdown.condition("telephone") == "channel"
+
+
+def test_guard_names_are_the_rows_own_unless_written_before_guards_named_every_guard():
+    """A row that records verdicts ran exactly its ``guards`` (today's default leaves ``likelihood`` out though its
+    threshold is set); a row written before (no ``verdicts``) ran the guards its thresholds switched on."""
+    adapt = {"guards": "('empty', 'consensus', 'verifier')", "max_seq_logp_drop": 2.0, "verifier": "auto"}
+    assert breakdown.guard_names({"adapt": adapt, "verdicts": {}}) == ("empty", "consensus", "verifier")
+    legacy = {"guards": "('empty', 'consensus')", "max_seq_logp_drop": 2.0, "verifier": "auto"}
+    assert breakdown.guard_names({"adapt": legacy}) == ("empty", "consensus", "likelihood", "verifier")
