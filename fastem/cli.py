@@ -139,14 +139,15 @@ def _config(args) -> AdaptConfig:
     """``--max-seq-logp-drop none`` and ``--verifier none`` leave their guard out of ``guards``; a threshold given
     to ``--max-seq-logp-drop`` runs the likelihood guard, which the default guards leave out."""
     off = {"likelihood"} if args.max_seq_logp_drop is None else set()
-    if isinstance(args.max_seq_logp_drop, float) and "likelihood" not in args.guards:
-        args.guards = tuple(args.guards) + ("likelihood",)
     off |= {"verifier"} if args.verifier is None else set()
+    asked = tuple(args.guards)
+    if isinstance(args.max_seq_logp_drop, float) and "likelihood" not in asked:
+        asked += ("likelihood",)
     d = AdaptConfig()
     return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr,
                        num_samples=args.num_samples,
                        params=args.params, seed=args.seed, min_entropy=args.min_entropy,
-                       guards=tuple(g for g in args.guards if g not in off), max_logp_drop=args.max_logp_drop,
+                       guards=tuple(g for g in asked if g not in off), max_logp_drop=args.max_logp_drop,
                        max_seq_logp_drop=d.max_seq_logp_drop if args.max_seq_logp_drop is None else args.max_seq_logp_drop,
                        verifier=args.verifier, max_verifier_drop=args.max_verifier_drop, **_decode_rules(args))
 
