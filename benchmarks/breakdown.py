@@ -33,9 +33,9 @@ def guard_names(row: dict) -> tuple[str, ...]:
     """The guards the row's call ran, from its recorded ``adapt`` settings."""
     guards = row.get("adapt", {}).get("guards", "()")
     names = tuple(ast.literal_eval(guards)) if isinstance(guards, str) else tuple(guards)
-    adapt = row.get("adapt", {})
     if "verdicts" in row:  # rows that record verdicts were written since `guards` names every guard that runs
         return names
+    adapt = row.get("adapt", {})
     extra = []  # rows written before `guards` named every guard: their settings switched these on
     if adapt.get("max_seq_logp_drop") is not None and "likelihood" not in names and names:
         extra.append("likelihood")
