@@ -34,6 +34,7 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="layernorm")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--step-precision", default="model", help="AdaptConfig.step_precision: model or bfloat16")
     args = ap.parse_args(argv)
 
     from fastem.samples import sample_paths
@@ -64,7 +65,8 @@ def main(argv=None) -> None:
 
     loop_module._losses = step_marker
     res = fastem.adapt(model, audio, processor=processor, language="en", steps=args.steps, params=args.params,
-                       num_samples=args.num_samples, guards=(), min_entropy=0.0)
+                       num_samples=args.num_samples, guards=(), min_entropy=0.0,
+                       step_precision=args.step_precision)
     if len(res.history) < 2:
         raise SystemExit(f"only {len(res.history)} step(s) ran: pass --steps 2 or more")
     steps = [h["seconds"] for h in res.history][1:]
@@ -73,7 +75,7 @@ def main(argv=None) -> None:
         rows[label] = statistics.median(spent[name][1:len(steps) + 1]) if spent[name] else 0.0
     step = statistics.median(steps)
     rows["backward + optimizer"] = max(0.0, step - sum(rows.values()))
-    print(f"{args.model}, params={args.params}, K={args.num_samples}, {audio.numel() / 16000:.1f} s clip, "
+    print(f"{args.model}, params={args.params}, K={args.num_samples}, step_precision={args.step_precision}, {audio.numel() / 16000:.1f} s clip, "
           f"{torch.get_num_threads()} threads; median of {len(steps)} steps after the first")
     print("| phase | seconds | share |\n|---|---:|---:|")
     for label, sec in rows.items():

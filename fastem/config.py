@@ -12,7 +12,9 @@ from .decoding import DecodeRules
 from .objective import BASELINES, OBJECTIVES, POLICY_OBJECTIVES
 from .params import check_param_spec
 
-__all__ = ["AdaptConfig", "AdaptResult"]
+__all__ = ["AdaptConfig", "AdaptResult", "STEP_PRECISIONS"]
+
+STEP_PRECISIONS = ("model", "bfloat16")
 
 
 @dataclass
@@ -84,6 +86,12 @@ class AdaptConfig:
     encoder_context: "full" (default): the adaptation steps run the encoder on the 30-s padded input Whisper
                     was trained on; "clip": on the clips' own length (rounded up to whole seconds, with 1 s
                     of margin), cheaper for short clips; every transcript is decoded from the full input.
+    step_precision: "model" (default): the adaptation steps compute in the model's own dtype; "bfloat16": the
+                    steps' transformer layers (encoder with grad, sampling, scoring) run under
+                    ``torch.autocast`` in bfloat16, the output projection, the entropies, the loss and the
+                    adapted parameters stay float32, and every transcript and every guard's score is computed
+                    in the model's own dtype.  Pays on CPUs with bfloat16 matrix units (AMX, AVX512-BF16) and
+                    on GPUs.
     """
 
     # what a user sets
@@ -120,6 +128,7 @@ class AdaptConfig:
     weight_decay: float = 0.0
     backend: str = "auto"
     encoder_context: str = "full"
+    step_precision: str = "model"
 
     def __post_init__(self):
         if self.episodic is not True:
@@ -174,6 +183,8 @@ class AdaptConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
         if self.encoder_context not in ("full", "clip"):
             raise ValueError(f"encoder_context must be 'full' or 'clip', got {self.encoder_context!r}")
+        if self.step_precision not in STEP_PRECISIONS:
+            raise ValueError(f"step_precision must be one of {STEP_PRECISIONS}, got {self.step_precision!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         for name in ("compression_ratio_threshold", "no_speech_threshold"):

@@ -147,7 +147,9 @@ class _LMEncoder:
     cross: LMContext
     prompt: list[int] | None = None  # the one prompt the context was read from (None: no prefix)
 
-    def adapted_cross(self, model, over, *, short: bool = False) -> LMContext:
+    def adapted_cross(self, model, over, *, short: bool = False, autocast=None) -> LMContext:
+        """The prompt's context under the adapted parameters, read in the model's own dtype (``autocast``
+        is Whisper's encoder's: the scoring that follows still runs under it)."""
         if self.prompt is None:
             return self.cross
         return LMContext.read(model, self.prompt, self.cross.device)

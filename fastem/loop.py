@@ -9,6 +9,7 @@ gives each utterance what it would get alone.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +18,10 @@ import torch
 
 from .objective import em_loss, entropy_rows, suta_loss
 from .params import Binding, ModelSnapshot
-from .sampling import Head, Hypotheses, decode, score, teacher_forced_hidden
+from .sampling import Head, Hypotheses, decode, full_precision, score, teacher_forced_hidden
 from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers
 
-__all__ = ["Encoder", "State", "make_optimizer", "step"]
+__all__ = ["Encoder", "State", "make_optimizer", "precision", "step"]
 
 
 @dataclass
@@ -83,14 +84,19 @@ class Encoder:
         return Encoder(self.start, self.embed, self.cross_fixed, self.prefix[index], self.source[index],
                        self.cross.select(index), None if self.short is None else self.short[index])
 
-    def adapted_cross(self, model, over, *, short: bool = False) -> CrossKV:
+    def adapted_cross(self, model, over, *, short: bool = False, autocast=None) -> CrossKV:
         """Cross-attention keys/values under the current adapted parameters (``short``: on the clips' own
-        length, where the config asks for it)."""
+        length, where the config asks for it).  ``autocast``: the context the encoder layers run in
+        (:func:`precision`); the keys/values are projected from their output in the model's own dtype, so
+        sampling runs as it does without it."""
         prefix = self.short if short and self.short is not None else self.prefix
-        if self.embed:
-            return cross_kv(model, encoder_layers(model, encoder_embed(model, prefix, shorter=True), 0, over=over))
-        if self.start is not None:
-            return cross_kv(model, encoder_layers(model, prefix, self.start, over=over))
+        if self.embed or self.start is not None:
+            with autocast if autocast is not None else contextlib.nullcontext():
+                if self.embed:
+                    hidden = encoder_layers(model, encoder_embed(model, prefix, shorter=True), 0, over=over)
+                else:
+                    hidden = encoder_layers(model, prefix, self.start, over=over)
+            return cross_kv(model, hidden.to(self.source.dtype))
         if not self.cross_fixed:
             return cross_kv(model, self.source)
         return self.cross
@@ -109,7 +115,8 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
             n = int(hyps.lengths[r])
             logits = head.logits(hidden[r, :n]) + torch.stack([first_bias] + [bias] * (n - 1))
             z = logits / cfg.temperature
-            losses.append(suta_loss(z, em_coef=cfg.em_coef))
+            with full_precision(z):
+                losses.append(suta_loss(z, em_coef=cfg.em_coef))
             with torch.no_grad():
                 ents[r, :n] = entropy_rows(z)
         return losses, ents, mask
@@ -123,6 +130,16 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
     return losses, entropy.detach(), mask
 
 
+def precision(cfg, model):
+    """Where the steps' forward passes with grad run (the encoder layers that adapt, the teacher-forced
+    scoring): in the model's own dtype, or under ``torch.autocast`` in bfloat16 (``cfg.step_precision``).
+    The output projection and the token statistics turn it off again (:func:`fastem.sampling.full_precision`);
+    sampling (no grad, small per-token matrices, where casting the weights each token costs more than it
+    saves) and the backward run outside it."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.step_precision == "bfloat16")
+
+
 def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
          head: Head, frozen: list[bool] | None = None) -> tuple[Hypotheses, list[dict]]:
     """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated,
@@ -132,11 +149,13 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
     t0 = time.perf_counter()
     binding.before_backward()
     with torch.enable_grad():
-        cross = encoder.adapted_cross(model, binding.over, short=True)  # after before_backward: direct sets have grads
+        # after before_backward: direct sets have grads
+        cross = encoder.adapted_cross(model, binding.over, short=True, autocast=precision(cfg, model))
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)
-        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
+        with precision(cfg, model):
+            losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
         finite = torch.tensor([bool(torch.isfinite(loss)) and not (frozen and frozen[b])
                                for b, loss in enumerate(losses)])
         if bool(finite.any()):

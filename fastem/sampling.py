@@ -111,7 +111,14 @@ class Head:
         self.vocab_size = module.out_features
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.float(), self.weight, self.bias)
+        with full_precision(hidden):
+            return F.linear(hidden.float(), self.weight, self.bias)
+
+
+def full_precision(tensor: torch.Tensor):
+    """Autocast off on ``tensor``'s device: the output projection and the token statistics stay float32 when
+    the steps' transformer layers run under ``torch.autocast`` (``AdaptConfig.step_precision``)."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def language_code(language: str) -> str:
@@ -380,7 +387,8 @@ def score(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *, tem
     logp = torch.zeros(rows, steps, device=device)
     for part, b in ((first, first_bias), (~first, bias)):
         if bool(part.any()):
-            ent, lp = ops.linear_token_stats(h[part], weight, targets[part], b, backend=backend)
+            with full_precision(h):
+                ent, lp = ops.linear_token_stats(h[part], weight, targets[part], b, backend=backend)
             idx = (sel[0][part], sel[1][part])
             entropy = entropy.index_put(idx, ent.float())
             logp = logp.index_put(idx, lp.float())

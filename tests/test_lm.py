@@ -255,3 +255,15 @@ def test_beam_search_on_a_language_model_equals_generate(family):
         want = tok.decode(ref[0, ids.shape[1]:].tolist())
         assert len(want.strip()) >= 4  # a continuation worth comparing
         assert fastem.transcribe(model, prompt, tokenizer=tok, num_beams=beams, max_new_tokens=8) == want.strip()
+
+
+@pytest.mark.parametrize("family", [gpt2, llama])
+def test_bfloat16_steps_adapt_a_language_model_and_restore_it(family):
+    """step_precision="bfloat16" on the language-model path: the prompt's context is read in float32, the
+    scoring runs under autocast, every step updates with a finite loss and the model is restored bit for bit."""
+    model, tok = family(), CharTokenizer()
+    before = _state(model)
+    res = fastem.adapt(model, "the cat sat on", tokenizer=tok, steps=3, num_samples=4, lr=5e-2, max_new_tokens=12,
+                       min_entropy=0.0, guards=(), step_precision="bfloat16")
+    assert len(res.history) == 3 and all(not h["skipped"] and h["loss"] == h["loss"] for h in res.history)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -56,3 +56,50 @@ def test_clip_context_steps_run_short_and_transcripts_full(processor, monkeypatc
     assert widths == [1500] * 5
     with pytest.raises(ValueError, match="encoder_context"):
         fastem.AdaptConfig(encoder_context="short")
+
+
+def test_head_logits_stay_float32_under_autocast():
+    """The output projection turns autocast off: under bfloat16 autocast its logits equal the float32 ones."""
+    from fastem.sampling import Head
+
+    model = tiny_whisper()
+    head = Head(model)
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    want = head.logits(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head.logits(h)
+        unguarded = torch.nn.functional.linear(h, head.weight)  # what autocast alone would give
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert unguarded.dtype == torch.bfloat16  # autocast is on: the guard is what keeps the head float32
+
+
+@pytest.mark.parametrize("params", ["layernorm", "all"])
+def test_bfloat16_steps_run_the_layers_in_bfloat16_and_transcripts_in_float32(processor, monkeypatch, params):
+    """step_precision="bfloat16": the encoder layers of every step and the teacher-forced scoring run in
+    bfloat16, sampling, the cross-attention keys/values, the source and adapted transcripts in float32; the
+    loss is finite, the adapted parameters stay float32 and the model is restored exactly."""
+    model = tiny_whisper()
+    audio = torch.randn(24000, generator=torch.Generator().manual_seed(0)) * 0.1
+    seen = []  # dtype of the first encoder layer's fc1 output and of the decoder's fc1 output, in call order
+    model.model.encoder.layers[0].fc1.register_forward_hook(lambda m, i, o: seen.append(("enc", o.dtype)))
+    model.model.decoder.layers[0].fc1.register_forward_hook(lambda m, i, o: seen.append(("dec", o.dtype)))
+    kv_dtypes = []
+    real = loop_module.cross_kv
+    monkeypatch.setattr(loop_module, "cross_kv", lambda m, enc: kv_dtypes.append(enc.dtype) or real(m, enc))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=1e-2, max_new_tokens=6, min_entropy=0.0,
+              guards=(), params=params)
+    res = fastem.adapt(model, audio, step_precision="bfloat16", **kw)
+    assert len(res.history) == 3 and all(not h["skipped"] and h["loss"] == h["loss"] for h in res.history)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert kv_dtypes == [torch.float32] * 5  # source, three steps (projected back to float32), the adapted transcript
+    enc = [d for w, d in seen if w == "enc"]
+    assert enc[0] == torch.float32 and enc[1:4] == [torch.bfloat16] * 3 and enc[4:] == [torch.float32]
+    dec = [d for w, d in seen if w == "dec"]
+    assert torch.bfloat16 in dec and dec[0] == torch.float32 and dec[-1] == torch.float32  # scoring only
+    seen.clear()
+    fastem.adapt(model, audio, **kw)  # the default: the model's own dtype throughout
+    assert {d for _, d in seen} == {torch.float32}
+    with pytest.raises(ValueError, match="step_precision"):
+        fastem.AdaptConfig(step_precision="fp8")
