@@ -75,7 +75,8 @@ def main(argv=None) -> None:
         rows[label] = statistics.median(spent[name][1:len(steps) + 1]) if spent[name] else 0.0
     step = statistics.median(steps)
     rows["backward + optimizer"] = max(0.0, step - sum(rows.values()))
-    print(f"{args.model}, params={args.params}, K={args.num_samples}, step_precision={args.step_precision}, {audio.numel() / 16000:.1f} s clip, "
+    print(f"{args.model}, params={args.params}, K={args.num_samples}, step_precision={args.step_precision}, "
+          f"{audio.numel() / 16000:.1f} s clip, "
           f"{torch.get_num_threads()} threads; median of {len(steps)} steps after the first")
     print("| phase | seconds | share |\n|---|---:|---:|")
     for label, sec in rows.items():
