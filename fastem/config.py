@@ -11,10 +11,9 @@ from . import judge as _judge
 from .decoding import DecodeRules
 from .objective import BASELINES, OBJECTIVES, POLICY_OBJECTIVES
 from .params import check_param_spec
+from .precision import STEP_PRECISIONS
 
-__all__ = ["AdaptConfig", "AdaptResult", "STEP_PRECISIONS"]
-
-STEP_PRECISIONS = ("model", "bfloat16")
+__all__ = ["AdaptConfig", "AdaptResult"]
 
 
 @dataclass
@@ -90,8 +89,9 @@ class AdaptConfig:
                     steps' transformer layers (encoder with grad, sampling, scoring) run under
                     ``torch.autocast`` in bfloat16, the output projection, the entropies, the loss and the
                     adapted parameters stay float32, and every transcript and every guard's score is computed
-                    in the model's own dtype.  Pays on CPUs with bfloat16 matrix units (AMX, AVX512-BF16) and
-                    on GPUs.
+                    in the model's own dtype; "auto": bfloat16 for a float32 model on hardware that computes it
+                    natively (a CPU with AVX512-BF16 or AMX, a CUDA device with bfloat16), else "model"
+                    (:mod:`fastem.precision`).
     """
 
     # what a user sets

@@ -18,10 +18,11 @@ import torch
 
 from .objective import em_loss, entropy_rows, suta_loss
 from .params import Binding, ModelSnapshot
-from .sampling import Head, Hypotheses, decode, full_precision, score, teacher_forced_hidden
+from .precision import full_precision, step_autocast
+from .sampling import Head, Hypotheses, decode, score, teacher_forced_hidden
 from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers
 
-__all__ = ["Encoder", "State", "make_optimizer", "precision", "step"]
+__all__ = ["Encoder", "State", "make_optimizer", "step"]
 
 
 @dataclass
@@ -87,8 +88,8 @@ class Encoder:
     def adapted_cross(self, model, over, *, short: bool = False, autocast=None) -> CrossKV:
         """Cross-attention keys/values under the current adapted parameters (``short``: on the clips' own
         length, where the config asks for it).  ``autocast``: the context the encoder layers run in
-        (:func:`precision`); the keys/values are projected from their output in the model's own dtype, so
-        sampling runs as it does without it."""
+        (:func:`fastem.precision.step_autocast`); the keys/values are projected from their output in the
+        model's own dtype, so sampling runs as it does without it."""
         prefix = self.short if short and self.short is not None else self.prefix
         if self.embed or self.start is not None:
             with autocast if autocast is not None else contextlib.nullcontext():
@@ -130,16 +131,6 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
     return losses, entropy.detach(), mask
 
 
-def precision(cfg, model):
-    """Where the steps' forward passes with grad run (the encoder layers that adapt, the teacher-forced
-    scoring): in the model's own dtype, or under ``torch.autocast`` in bfloat16 (``cfg.step_precision``).
-    The output projection and the token statistics turn it off again (:func:`fastem.sampling.full_precision`);
-    sampling (no grad, small per-token matrices, where casting the weights each token costs more than it
-    saves) and the backward run outside it."""
-    device = next(model.parameters()).device
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.step_precision == "bfloat16")
-
-
 def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
          head: Head, frozen: list[bool] | None = None) -> tuple[Hypotheses, list[dict]]:
     """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated,
@@ -149,12 +140,12 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
     t0 = time.perf_counter()
     binding.before_backward()
     with torch.enable_grad():
-        # after before_backward: direct sets have grads
-        cross = encoder.adapted_cross(model, binding.over, short=True, autocast=precision(cfg, model))
+        autocast = step_autocast(cfg.step_precision, model)
+        cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast)  # after before_backward
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)
-        with precision(cfg, model):
+        with autocast:
             losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
         finite = torch.tensor([bool(torch.isfinite(loss)) and not (frozen and frozen[b])
                                for b, loss in enumerate(losses)])

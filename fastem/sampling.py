@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .precision import full_precision
 from .whisper import CrossKV, LayerNormOverrides, decoder_forward
 
 __all__ = ["Prompt", "Hypotheses", "Head", "build_prompts", "decode", "score", "mean_logp", "language_code"]
@@ -113,12 +114,6 @@ class Head:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with full_precision(hidden):
             return F.linear(hidden.float(), self.weight, self.bias)
-
-
-def full_precision(tensor: torch.Tensor):
-    """Autocast off on ``tensor``'s device: the output projection and the token statistics stay float32 when
-    the steps' transformer layers run under ``torch.autocast`` (``AdaptConfig.step_precision``)."""
-    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def language_code(language: str) -> str:

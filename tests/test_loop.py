@@ -103,3 +103,4 @@ def test_bfloat16_steps_run_the_layers_in_bfloat16_and_transcripts_in_float32(pr
     assert {d for _, d in seen} == {torch.float32}
     with pytest.raises(ValueError, match="step_precision"):
         fastem.AdaptConfig(step_precision="fp8")
+    fastem.AdaptConfig(step_precision="auto")  # a value it takes
