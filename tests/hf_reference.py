@@ -3,8 +3,9 @@
 This is ``fastem/sampling.py`` as of commit 300ef44 (before the lean forward of :mod:`fastem.whisper`),
 trimmed to ``encode`` / ``build_prompt`` / ``decode`` / ``score``.  It runs HF's encoder and decoder
 modules with a ``DynamicCache`` / ``EncoderDecoderCache``, one utterance at a time, all ``K`` rows
-drawn from one generator with one ``torch.multinomial`` call per step over all ``K`` rows (rows that
-ended still draw; their draw is replaced by EOS).  The new path must reproduce its tokens and
+drawn from one generator, one uniform number per row per step, by inverting the float64 cumulative sum
+(rows that ended still draw; their draw is replaced by EOS; until 2026-12-06 the draw was one
+``torch.multinomial`` call, the same distribution).  The new path must reproduce its tokens and
 log-probs for the same seed.
 
 Kept as it was, on purpose, including its precision: the logits of ``decode`` come from the head in
@@ -115,7 +116,10 @@ def decode(model, enc: torch.Tensor, prompt: RefPrompt, *, num_samples: int = 1,
         if greedy:
             nxt = logits.argmax(-1)
         else:
-            nxt = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+            probs = log_probs.exp().double()  # inverse CDF at one uniform number per row, as fastem draws
+            cdf = probs.cumsum(-1)
+            u = torch.rand(k, 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u, right=True).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, prompt.eos_id), nxt)
         tokens[:, t] = nxt
         logps[:, t] = torch.where(done, 0.0, log_probs.gather(1, nxt.unsqueeze(1)).squeeze(1))

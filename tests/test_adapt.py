@@ -235,14 +235,18 @@ def test_half_precision_model(processor, dtype):
 
 
 def test_transcribe_equals_generate_and_the_unadapted_transcript(model, processor):
+    """With Whisper's rules off, a transcript is generate's greedy one; with them (the default) it is the
+    unadapted transcript of adapt, whatever the fallback drew."""
     audio = speechlike()
-    text = fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=6)
+    plain = fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=6,
+                              compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None)
     feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
     ref = model.generate(feats, language="en", task="transcribe", max_new_tokens=6, do_sample=False)[0].tolist()
     prompt = [50258, 50259, 50359, 50363]  # <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
     if ref[:4] == prompt:  # generate returns the prompt prefix in some transformers versions
         ref = ref[4:]
-    assert text == processor.tokenizer.decode(ref, skip_special_tokens=True).strip()
+    assert plain == processor.tokenizer.decode(ref, skip_special_tokens=True).strip()
+    text = fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=6)
     result = fastem.adapt(model, audio, processor=processor, language="en", steps=0, max_new_tokens=6)
     assert result.text_before == text and result.history == [] and result.guard is None
     model.train()

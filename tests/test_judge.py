@@ -129,7 +129,7 @@ def test_guards_names_every_guard_that_runs(processor):
 def test_likelihood_decides_on_the_loops_own_scores(processor):
     """In the loop the guard sees the source model's scores of both transcripts: its verdict is what the
     totals computed from ``result.scores`` say, and a rejection returns the unadapted transcript."""
-    model = tiny_whisper(seed=1)  # here the source model finds the adapted transcript ~0.015 nats less likely
+    model = tiny_whisper(seed=5)  # here the source model finds the adapted transcript ~0.04 nats less likely
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
     kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=5e-2, max_new_tokens=6, min_entropy=0.0)
     kw.update(guards=("likelihood",), verifier=None)
@@ -263,7 +263,7 @@ def test_adapted_scores_are_the_adapted_models_log_probs(processor, params):
     model = tiny_whisper()
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
     with fastem.Adapter(model, processor, steps=2, num_samples=2, lr=1e-2, max_new_tokens=6, params=params,
-                        guards=("consensus",), min_entropy=0.0) as adapter:
+                        guards=("consensus",), min_entropy=0.0, rollback=False) as adapter:  # kept whatever the verdict
         result = adapter.adapt(audio, language="en")
         adapter._state.binding.commit(0)  # the adapted LayerNorms into the model, until the adapter closes
         feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features

@@ -384,3 +384,38 @@ def test_greedy_step_entropy_matches_the_float64_recomputation(model_seed, eos_s
     assert sampled.entropy is None
     with pytest.raises(ValueError, match="greedy"):
         sampled.mean_entropy()
+
+
+def test_categorical_draws_the_distribution_and_never_a_zero():
+    """fastem's draw inverts the float64 CDF: frequencies match the probabilities (and not a slightly different
+    distribution), a token of probability 0 is never drawn (-inf logits, the last token, all but one), rows
+    of any scale are normalised, and a seed reproduces the draws."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    draws = sampling.categorical(p.repeat(200_000, 1) * 7.0, generator=g)  # unnormalised rows
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    assert freq[1] == 0 and freq[5] == 0
+    se = (p.double() * (1 - p.double()) / draws.numel()).sqrt()
+    assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), freq
+    wrong = torch.tensor([0.11, 0.0, 0.19, 0.3, 0.4, 0.0], dtype=torch.float64)  # the check can fail
+    assert ((freq - wrong).abs() > 5 * se).any()
+    logits = torch.randn(64, 51865, generator=g) * 4
+    logits[:, ::3] = float("-inf")  # suppressed tokens, the last included (51864 = 3 * 17288)
+    probs = torch.softmax(logits, -1)
+    for _ in range(20):
+        d = sampling.categorical(probs, generator=g)
+        assert bool((probs.gather(1, d[:, None]) > 0).all())
+    one = torch.zeros(3, 51865)
+    one[:, 17] = 1e-30  # a single live token of tiny mass
+    assert sampling.categorical(one, generator=g).tolist() == [17, 17, 17]
+    a = sampling.categorical(probs, generator=torch.Generator().manual_seed(5))
+    b = sampling.categorical(probs, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_categorical_falls_back_to_the_last_live_token_when_the_uniform_rounds_up(monkeypatch):
+    """If u * total rounds up to the total, the search lands past the last live token: it is moved back to it."""
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(real_rand(*a, **k).shape, dtype=torch.float64))
+    assert sampling.categorical(probs).tolist() == [1, 1]
