@@ -86,12 +86,11 @@ class AdaptConfig:
                     was trained on; "clip": on the clips' own length (rounded up to whole seconds, with 1 s
                     of margin), cheaper for short clips; every transcript is decoded from the full input.
     step_precision: "model" (default): the adaptation steps compute in the model's own dtype; "bfloat16": the
-                    steps' transformer layers (encoder with grad, sampling, scoring) run under
-                    ``torch.autocast`` in bfloat16, the output projection, the entropies, the loss and the
-                    adapted parameters stay float32, and every transcript and every guard's score is computed
-                    in the model's own dtype; "auto": bfloat16 for a float32 model on hardware that computes it
-                    natively (a CPU with AVX512-BF16 or AMX, a CUDA device with bfloat16), else "model"
-                    (:mod:`fastem.precision`).
+                    encoder layers that adapt run under ``torch.autocast`` in bfloat16 during the steps (most of
+                    a step's arithmetic); sampling, scoring, the loss, the adapted parameters, every transcript
+                    and every guard's score stay in the model's own dtype; "auto": bfloat16 for a float32 model
+                    on hardware that computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA device with
+                    bfloat16), else "model" (:mod:`fastem.precision`).
     """
 
     # what a user sets

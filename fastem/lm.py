@@ -148,8 +148,8 @@ class _LMEncoder:
     prompt: list[int] | None = None  # the one prompt the context was read from (None: no prefix)
 
     def adapted_cross(self, model, over, *, short: bool = False, autocast=None) -> LMContext:
-        """The prompt's context under the adapted parameters, read in the model's own dtype (``autocast``
-        is Whisper's encoder's: the scoring that follows still runs under it)."""
+        """The prompt's context under the adapted parameters, in the model's own dtype (``autocast`` is for
+        Whisper's encoder: a language model has none)."""
         if self.prompt is None:
             return self.cross
         return LMContext.read(model, self.prompt, self.cross.device)

@@ -89,7 +89,7 @@ class Encoder:
         """Cross-attention keys/values under the current adapted parameters (``short``: on the clips' own
         length, where the config asks for it).  ``autocast``: the context the encoder layers run in
         (:func:`fastem.precision.step_autocast`); the keys/values are projected from their output in the
-        model's own dtype, so sampling runs as it does without it."""
+        model's own dtype, so sampling and scoring run as they do without it."""
         prefix = self.short if short and self.short is not None else self.prefix
         if self.embed or self.start is not None:
             with autocast if autocast is not None else contextlib.nullcontext():
@@ -145,8 +145,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)
-        with autocast:
-            losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
+        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
         finite = torch.tensor([bool(torch.isfinite(loss)) and not (frozen and frozen[b])
                                for b, loss in enumerate(losses)])
         if bool(finite.any()):

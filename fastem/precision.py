@@ -1,10 +1,13 @@
 """The precision of the adaptation steps (``AdaptConfig.step_precision``).
 
-The steps' forward passes with grad (the encoder layers that adapt, the teacher-forced scoring) may run
-under ``torch.autocast`` in bfloat16; the output projection, the token statistics, the loss, the optimizer
-and the adapted parameters stay float32 (:func:`full_precision` turns autocast off again around them), and
-every transcript and guard score is computed in the model's own dtype.  ``"auto"`` uses bfloat16 where the
-hardware computes it natively and the model is float32.
+The encoder layers that adapt (their forward with grad, and so their backward) may run under
+``torch.autocast`` in bfloat16: on 30 s of input they are most of a step's arithmetic.  Everything else
+stays in the model's own dtype: the cross-attention keys/values projected from their output, sampling,
+the teacher-forced scoring (in bfloat16 too it made the adaptation weaker on DEV, RESULTS.md "The steps in
+bfloat16"), the loss, the optimizer, the adapted parameters, every transcript and every guard's score.
+The output projection and the token statistics also turn autocast off themselves (:func:`full_precision`),
+so they stay float32 under a caller's own autocast.  ``"auto"`` uses bfloat16 where the hardware computes it
+natively and the model is float32.  A language model has no encoder: the setting changes nothing there.
 """
 from __future__ import annotations
 
@@ -55,13 +58,13 @@ def step_dtype(setting: str, model) -> torch.dtype | None:
 
 
 def step_autocast(setting: str, model):
-    """The context the steps' forward passes with grad run in."""
+    """The context the adapted encoder layers run in during the steps."""
     dtype = step_dtype(setting, model)
     device = next(model.parameters()).device
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def full_precision(tensor: torch.Tensor):
-    """Autocast off on ``tensor``'s device: the output projection and the token statistics stay float32 when
-    the steps' transformer layers run under autocast."""
+    """Autocast off on ``tensor``'s device: the output projection and the token statistics stay float32 under
+    any autocast."""
     return torch.autocast(tensor.device.type, enabled=False)

@@ -259,8 +259,8 @@ def test_beam_search_on_a_language_model_equals_generate(family):
 
 @pytest.mark.parametrize("family", [gpt2, llama])
 def test_bfloat16_steps_adapt_a_language_model_and_restore_it(family):
-    """step_precision="bfloat16" on the language-model path: the prompt's context is read in float32, the
-    scoring runs under autocast, every step updates with a finite loss and the model is restored bit for bit."""
+    """step_precision="bfloat16" on the language-model path (no encoder: nothing runs under autocast): every step
+    updates with a finite loss and the model is restored bit for bit."""
     model, tok = family(), CharTokenizer()
     before = _state(model)
     res = fastem.adapt(model, "the cat sat on", tokenizer=tok, steps=3, num_samples=4, lr=5e-2, max_new_tokens=12,
