@@ -280,13 +280,21 @@ def _sample(probs: torch.Tensor, owner: torch.Tensor, live: torch.Tensor, k: int
 
 def categorical(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw from each row of ``probs [R, V]`` (non-negative, any scale) by inverting its cumulative sum
-    in float64 at one uniform number per row: the distribution ``torch.multinomial`` samples, at a
-    twentieth of its cost on a CPU over Whisper's 51,865 tokens.  A token of probability 0 is never drawn."""
+    in float64 at one uniform number per row: the distribution ``torch.multinomial`` samples, far cheaper on
+    a CPU over Whisper's vocabulary (RESULTS.md, "The sampler's draw").  A token of probability 0 is never
+    drawn; a row without a positive finite total raises, as ``torch.multinomial`` does."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    total = cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * total
     draw = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
     bad = probs.gather(1, draw.unsqueeze(1)).squeeze(1) <= 0  # u rounded up to the total: the last live token
-    if bool(bad.any()):
+    invalid = ~(total.squeeze(1) > 0) | ~torch.isfinite(total.squeeze(1))
+    any_bad, any_invalid = torch.stack([bad.any(), invalid.any()]).tolist()  # one sync
+    if any_invalid:
+        rows = invalid.nonzero(as_tuple=True)[0].tolist()
+        raise ValueError(f"cannot sample from rows {rows[:8]}: their probabilities do not sum to a positive finite "
+                         "number (NaN, inf or all zero)")
+    if any_bad:
         last = probs.shape[1] - 1 - (probs[bad].flip(-1) > 0).float().argmax(-1)
         draw[bad] = last
     return draw

@@ -419,3 +419,13 @@ def test_categorical_falls_back_to_the_last_live_token_when_the_uniform_rounds_u
     real_rand = torch.rand
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(real_rand(*a, **k).shape, dtype=torch.float64))
     assert sampling.categorical(probs).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("bad", ["zeros", "nan", "inf"])
+def test_categorical_refuses_a_row_that_is_no_distribution(bad):
+    """NaN never passes: a row of NaN, inf or all zeros raises and names the row, as torch.multinomial does."""
+    probs = torch.softmax(torch.randn(3, 50), -1)
+    probs[1] = {"zeros": 0.0, "nan": float("nan"), "inf": float("inf")}[bad]
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        sampling.categorical(probs, generator=torch.Generator().manual_seed(0))
+
