@@ -284,11 +284,11 @@ def categorical(probs: torch.Tensor, *, generator: torch.Generator | None = None
     a CPU over Whisper's vocabulary (RESULTS.md, "The sampler's draw").  A token of probability 0 is never
     drawn; a row without a positive finite total raises, as ``torch.multinomial`` does."""
     cdf = probs.double().cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * total
+    total = cdf[:, -1]
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * total[:, None]
     draw = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
     bad = probs.gather(1, draw.unsqueeze(1)).squeeze(1) <= 0  # u rounded up to the total: the last live token
-    invalid = ~(total.squeeze(1) > 0) | ~torch.isfinite(total.squeeze(1))
+    invalid = ~(total > 0) | ~torch.isfinite(total)
     any_bad, any_invalid = torch.stack([bad.any(), invalid.any()]).tolist()  # one sync
     if any_invalid:
         rows = invalid.nonzero(as_tuple=True)[0].tolist()
