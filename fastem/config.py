@@ -62,6 +62,9 @@ class AdaptConfig:
     verifier:       "verifier": the second checkpoint that votes ("auto": a bundled one other than the
                     model, see :func:`fastem.verifier.resolve_verifier`; a bundled name, hub id or directory).
     max_verifier_drop: "verifier": most the verifier's mean log-prob per token may fall (0.1 nats).
+                    ("agreement", not run by default: the verifier also transcribes the audio, and the adapted
+                    transcript is rejected when it is further from that transcript, in words, than the
+                    unadapted one; RESULTS.md, "The verifier's own transcript as evidence".)
 
     **Whisper's own decoding rules** (:mod:`fastem.decoding`; None switches one off)
 
@@ -198,9 +201,10 @@ class AdaptConfig:
         unknown = [g for g in self.guards if g not in _judge.GUARDS]
         if unknown:
             raise ValueError(f"unknown guards {unknown}; known: {sorted(_judge.GUARDS)}")
-        if "verifier" in self.guards and self.verifier is None:
-            raise ValueError("guards names 'verifier' but verifier=None: name a checkpoint (or 'auto'), or leave "
-                             "'verifier' out of guards")
+        for voted in [g for g in self.guards if g in _judge.VOTED]:
+            if self.verifier is None:
+                raise ValueError(f"guards names {voted!r} but verifier=None: name a checkpoint (or 'auto'), or leave "
+                                 f"{voted!r} out of guards")
 
     @property
     def uses_greedy_hypotheses(self) -> bool:

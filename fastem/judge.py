@@ -29,7 +29,7 @@ from typing import Callable
 from .decoding import compression_ratio
 
 __all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "SCORED", "check", "compression_ratio", "evidence", "first_fired",
-           "gate", "longest_repeat", "looping", "sequence_logp", "verdicts"]
+           "gate", "longest_repeat", "looping", "sequence_logp", "verdicts", "VOTED"]
 
 
 @dataclass
@@ -58,6 +58,8 @@ class Evidence:
     verifier_logp_after: float | None = None
     max_verifier_drop: float = 0.1  # nats per token (the ``verifier`` guard)
     max_seq_logp_drop: float | None = None  # nats per transcript (the ``likelihood`` guard); None: off
+    verifier_text: str | None = None  # the second checkpoint's own transcript (the ``agreement`` guard)
+    language: str | None = None       # how the ``agreement`` guard normalizes words (None: English)
 
 
 def longest_repeat(tokens: list[int], max_n: int = 8) -> int:
@@ -174,6 +176,25 @@ def verifier(ev: Evidence) -> str | None:
     return _drop("verifier", ev.verifier_logp_before, ev.verifier_logp_after, ev.max_verifier_drop, ev)
 
 
+def agreement(ev: Evidence) -> str | None:
+    """The second checkpoint's own transcript of the audio is further from the adapted transcript than from the
+    unadapted one (word edit distance after Whisper's normalizer): of the two, an independent recognizer hears
+    the unadapted one (no threshold; ties pass; no verifier transcript, or one without words: passes)."""
+    from .text import normalize, word_errors
+
+    if ev.verifier_text is None or ev.tokens_after == ev.tokens_before:
+        return None
+    lang = ev.language or "en"
+    if not normalize(ev.verifier_text, lang).split():
+        return None
+    near_before = word_errors(ev.verifier_text, ev.text_before, lang)[0]
+    near_after = word_errors(ev.verifier_text, ev.text_after, lang)[0]
+    if near_after > near_before:
+        return (f"the verifier's transcript is {near_after} words from the adapted transcript, {near_before} from the "
+                "unadapted")
+    return None
+
+
 GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "empty": empty,
     "non_speech": non_speech,
@@ -183,12 +204,15 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "consensus": consensus,
     "likelihood": likelihood,
     "verifier": verifier,
+    "agreement": agreement,
 }
 #: the guards that run unless ``guards=`` says otherwise, in the order they are checked: the cheap textual
 #: ones first, then those that need the models' scores, then the second checkpoint's vote.  Every guard but
 #: ``likelihood``: on DEV it rejected more gains than harms with greedy decoding too (RESULTS.md, "The
 #: likelihood guard with greedy decoding"); ask for it by name, or give the CLI a threshold.
 DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "verifier")
+#: the guards that need the second checkpoint (:mod:`fastem.verifier`)
+VOTED = frozenset({"verifier", "agreement"})
 #: the guards that judge by the source and the adapted model's scores of both transcripts (the loop computes
 #: them only when one of these is checked)
 SCORED = frozenset({"confidence", "consensus", "likelihood"})
@@ -226,7 +250,7 @@ def gate(entropy: float, needed_fallback: bool, min_entropy: float) -> str | Non
     return "confident"
 
 
-def evidence(cfg, before, after, seconds: float, scores: dict) -> Evidence:
+def evidence(cfg, before, after, seconds: float, scores: dict, language: str | None = None) -> Evidence:
     """The :class:`Evidence` of one utterance: its unadapted and adapted transcripts
     (:class:`fastem.decoding.Transcript`), the scores the call gathered (``AdaptResult.scores``) and the
     judge's thresholds of ``cfg`` (:class:`fastem.AdaptConfig`)."""
@@ -236,7 +260,8 @@ def evidence(cfg, before, after, seconds: float, scores: dict) -> Evidence:
                     adapted_logp_after=scores.get("adapted_after"), verifier_logp_before=scores.get("verifier_before"),
                     verifier_logp_after=scores.get("verifier_after"), max_logp_drop=cfg.max_logp_drop,
                     max_length_ratio=cfg.max_length_ratio, max_verifier_drop=cfg.max_verifier_drop,
-                    max_seq_logp_drop=cfg.seq_logp_limit)
+                    max_seq_logp_drop=cfg.seq_logp_limit, verifier_text=scores.get("verifier_text"),
+                    language=language)
 
 
 @dataclass
@@ -266,17 +291,18 @@ def judge(cfg, model, cases: list[Case], score_both: Callable) -> list[tuple[dic
         for c, (a, z), (a2, z2) in zip(cases, source, adapted):
             c.scores.update(source_before=a, source_after=z, adapted_before=a2, adapted_after=z2)
     changed = [c for c in cases if c.after.ids != c.before.ids]
-    if "verifier" in names and changed:
-        _vote(cfg, model, changed)
+    if VOTED & set(names) and changed:
+        _vote(cfg, model, changed, transcribe="agreement" in names)
     out = []
     for c in cases:
-        found = verdicts(evidence(cfg, c.before, c.after, c.seconds, c.scores), names)
+        found = verdicts(evidence(cfg, c.before, c.after, c.seconds, c.scores, c.language), names)
         out.append((found, first_fired(found, names)))
     return out
 
 
-def _vote(cfg, model, cases: list[Case]) -> None:
-    """The second checkpoint's scores of each changed transcript, into each case's scores."""
+def _vote(cfg, model, cases: list[Case], transcribe: bool = False) -> None:
+    """The second checkpoint's scores of each changed transcript, into each case's scores (``transcribe``: and
+    its own transcript of the audio, ``verifier_text``, by Whisper's rules and the call's beams)."""
     from .verifier import load_verifier, resolve_verifier, verifier_scores
 
     speech = getattr(model.config, "model_type", None) == "whisper"  # a second Whisper checkpoint votes on speech
@@ -287,7 +313,8 @@ def _vote(cfg, model, cases: list[Case]) -> None:
         return
     vmodel, vprocessor = load_verifier(name, next(model.parameters()).device)
     votes = verifier_scores(vmodel, vprocessor, [c.wave for c in cases], [[c.before.text, c.after.text] for c in cases],
-                            [c.language for c in cases], task=cfg.task)
+                            [c.language for c in cases], task=cfg.task,
+                            **(dict(rules=cfg.decode_rules, num_beams=cfg.num_beams) if transcribe else {}))
     for c, vote in zip(cases, votes):
         c.scores["verifier"] = name
         c.scores.update(vote)

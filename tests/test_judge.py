@@ -109,11 +109,13 @@ def test_guards_names_every_guard_that_runs(processor):
     their settings are thresholds only, and asking for a guard without what it needs is an error."""
     assert fastem.AdaptConfig().guards == judge.DEFAULT_GUARDS
     assert "verifier" in judge.DEFAULT_GUARDS and "likelihood" not in judge.DEFAULT_GUARDS  # DEV: off, RESULTS.md
-    assert set(judge.DEFAULT_GUARDS) == set(judge.GUARDS) - {"likelihood"}
+    assert set(judge.DEFAULT_GUARDS) == set(judge.GUARDS) - {"likelihood", "agreement"}  # both opt in
     assert fastem.AdaptConfig(guards=()).guards == ()
     assert fastem.AdaptConfig(guards=("likelihood",), verifier=None).guards == ("likelihood",)
     with pytest.raises(ValueError, match="leave 'verifier' out of guards"):
         fastem.AdaptConfig(verifier=None)
+    with pytest.raises(ValueError, match="leave 'agreement' out of guards"):
+        fastem.AdaptConfig(guards=("agreement",), verifier=None)
     with pytest.raises(ValueError, match="leave 'likelihood' out of guards"):
         fastem.AdaptConfig(max_seq_logp_drop=None)
     # the empty guard, alone, runs alone: nothing else is scored or loaded
@@ -289,3 +291,26 @@ def test_likelihood_guard_abstains_with_beam_search_unless_asked():
     for bad in ("bogus", True, None):
         with pytest.raises(ValueError, match="max_seq_logp_drop"):
             fastem.AdaptConfig(max_seq_logp_drop=bad)
+
+
+def test_agreement_sides_with_the_transcript_the_verifier_hears():
+    """The adapted transcript is rejected exactly when the verifier's own transcript is further from it than from
+    the unadapted one, in normalized words (case and punctuation do not count); ties pass; no verifier transcript,
+    or one without words, abstains; identical transcripts pass."""
+    def heard(before, after, verifier_text, **kw):  # token ids that differ exactly when the texts do
+        ids = {w: i for i, w in enumerate(sorted(set(before.split()) | set(after.split())))}
+        return evidence(before, after, tb=[ids[w] for w in before.split()], ta=[ids[w] for w in after.split()],
+                        verifier_text=verifier_text, **kw)
+
+    before, after = "the cat sat on the mat", "the cap sat on a mat"
+    assert judge.agreement(heard(before, after, "The cat sat on the mat.")) is not None
+    assert "2 words from the adapted transcript, 0 from the unadapted" in judge.agreement(
+        heard(before, after, "THE CAT, sat on the mat"))
+    assert judge.agreement(heard(before, after, "the cap sat on a mat")) is None  # it hears the adapted
+    assert judge.agreement(heard(before, after, "the cap sat on the mat")) is None  # a tie passes
+    for silent in (None, "", " ... "):
+        assert judge.agreement(heard(before, after, silent)) is None
+    assert judge.agreement(heard(before, before, "something else entirely")) is None
+    # Words are normalized in the call's language (Czech: the basic normalizer, accents kept).
+    assert judge.agreement(heard("řekl že ano", "řekl že ne", "Řekl, že ano!", language="cs")) is not None
+    assert "agreement" in judge.GUARDS and "agreement" not in judge.DEFAULT_GUARDS

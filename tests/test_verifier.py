@@ -180,3 +180,30 @@ def test_the_default_loads_the_auto_verifier_in_the_loop(processor, monkeypatch)
     fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
                  min_entropy=0.0, guards=())
     assert loaded == ["base"]  # no guards: no verifier loaded
+
+
+def test_the_verifier_transcribes_for_agreement(processor, monkeypatch):
+    """With rules, the verifier also transcribes the audio (``verifier_text``), exactly as ``fastem.transcribe``
+    with that checkpoint does; in the loop the ``agreement`` guard gets it and decides by it, and a call that only
+    runs ``verifier`` does not transcribe."""
+    model, judge_model = tiny_whisper(), tiny_whisper(seed=5)
+    g = torch.Generator().manual_seed(4)
+    waves = [torch.randn(24000, generator=g) * 0.1, torch.randn(40000, generator=g) * 0.1]
+    rules = fastem.AdaptConfig().decode_rules
+    out = verifier_module.verifier_scores(judge_model, processor, waves, [["a", "b"], ["c", "d"]], ["en", "en"],
+                                          rules=rules)
+    for b in range(2):
+        assert out[b]["verifier_text"] == fastem.transcribe(judge_model, waves[b], processor=processor, language="en")
+    assert "verifier_text" not in verifier_module.verifier_scores(judge_model, processor, waves[:1], [["a", "b"]], ["en"])[0]
+    heard = fastem.transcribe(judge_model, waves[0], processor=processor, language="en")
+    monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: (judge_model, processor))
+    _force_change(monkeypatch)  # (counts the pipeline's transcripts: no transcribe call after it)
+    kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
+              verifier="judge-checkpoint")
+    res = fastem.adapt(model, waves[0], guards=("agreement",), **kw)
+    assert res.scores["verifier_text"] == heard
+    from fastem.text import normalize, word_errors
+
+    far = word_errors(heard, "hello world")[0] > word_errors(heard, res.text_before)[0] and normalize(heard).split()
+    assert far and res.guard == "agreement" and res.text == res.text_before  # it hears the unadapted one better
+    assert "verifier_text" not in fastem.adapt(model, waves[0], guards=("verifier",), **kw).scores
