@@ -35,6 +35,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default=None)
     ap.add_argument("--step-precision", default="model", help="AdaptConfig.step_precision: model or bfloat16")
+    ap.add_argument("--ops", type=int, default=0, metavar="N",
+                    help="also profile the steps after the first (torch.profiler) and print the N operators with the "
+                         "most self time, by input shape: which matrix products, attention passes and copies a step is")
     args = ap.parse_args(argv)
 
     from fastem.samples import sample_paths
@@ -82,6 +85,27 @@ def main(argv=None) -> None:
     for label, sec in rows.items():
         print(f"| {label} | {sec:.3f} | {sec / step:.0%} |")
     print(f"| **step** | **{step:.3f}** | |")
+    if args.ops:
+        _operators(model, processor, audio, args)
+
+
+def _operators(model, processor, audio, args) -> None:
+    """The top operators of ``args.steps - 1`` steps (one more step runs first, unprofiled, as a warm-up), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw = dict(processor=processor, language="en", params=args.params, num_samples=args.num_samples, guards=(),
+              min_entropy=0.0, step_precision=args.step_precision)
+    fastem.adapt(model, audio, steps=1, **kw)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        res = fastem.adapt(model, audio, steps=args.steps - 1, **kw)
+    n = max(1, len(res.history))
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    print(f"\nTop {args.ops} operators by self time, per step (the profiled call: {n} steps, its transcripts included; "
+          "profiling slows every operator)")
+    print("| operator | input shapes | calls per step | ms per step |\n|---|---|---:|---:|")
+    for e in events[:args.ops]:
+        shapes = ", ".join(str(list(s)) for s in e.input_shapes if s) or "-"
+        print(f"| {e.key} | {shapes} | {e.count / n:.0f} | {e.self_cpu_time_total / 1e3 / n:.1f} |")
 
 
 if __name__ == "__main__":
