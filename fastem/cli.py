@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .config import AdaptConfig
-from .judge import GUARDS
+from .judge import BEAM_GUARDS, DEFAULT_GUARDS, GUARDS, VOTED
 from .objective import OBJECTIVES
 
 __all__ = ["main", "build_parser"]
@@ -52,7 +52,8 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
                    help=f"how much less likely, per token (default {d.max_verifier_drop:g})")
     p.add_argument("--guards", type=_guard_names, default=d.guards, metavar="NAMES",
                    help=f"comma-separated guards that may reject the adapted transcript, 'none' for none "
-                        f"(default {','.join(d.guards)}; known: {','.join(GUARDS)})")
+                        f"(default auto: {','.join(DEFAULT_GUARDS)}; with --beams > 1 {','.join(BEAM_GUARDS)}; "
+                        f"known: {','.join(GUARDS)})")
     for name, what in (("compression-ratio-threshold", "a transcript compressing more than this is a loop"),
                        ("logprob-threshold", "a transcript with a lower average log-prob per token is unlikely"),
                        ("no-speech-threshold", "above this no-speech probability, an unlikely transcript is silence")):
@@ -81,7 +82,9 @@ def _optional_name(text: str) -> str | None:
     return None if text.strip().lower() == "none" else text
 
 
-def _guard_names(text: str) -> tuple[str, ...]:
+def _guard_names(text: str) -> tuple[str, ...] | str:
+    if text.strip() == "auto":
+        return "auto"
     names = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
     unknown = [n for n in names if n not in GUARDS]
     if unknown:
@@ -139,15 +142,19 @@ def _config(args) -> AdaptConfig:
     """``--max-seq-logp-drop none`` and ``--verifier none`` leave their guard out of ``guards``; a threshold given
     to ``--max-seq-logp-drop`` runs the likelihood guard, which the default guards leave out."""
     off = {"likelihood"} if args.max_seq_logp_drop is None else set()
-    off |= {"verifier"} if args.verifier is None else set()
-    asked = tuple(args.guards)
-    if isinstance(args.max_seq_logp_drop, float) and "likelihood" not in asked:
-        asked += ("likelihood",)
+    off |= set(VOTED) if args.verifier is None else set()
+    asked = args.guards
+    threshold = isinstance(args.max_seq_logp_drop, float)
+    if asked == "auto" and (args.verifier is None or threshold):
+        asked = AdaptConfig(num_beams=args.beams).active_guards
+    if asked != "auto":
+        asked = tuple(asked) + (("likelihood",) if threshold and "likelihood" not in asked else ())
+        asked = tuple(g for g in asked if g not in off)
     d = AdaptConfig()
     return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr,
                        num_samples=args.num_samples,
                        params=args.params, seed=args.seed, min_entropy=args.min_entropy,
-                       guards=tuple(g for g in asked if g not in off), max_logp_drop=args.max_logp_drop,
+                       guards=asked, max_logp_drop=args.max_logp_drop,
                        max_seq_logp_drop=d.max_seq_logp_drop if args.max_seq_logp_drop is None else args.max_seq_logp_drop,
                        verifier=args.verifier, max_verifier_drop=args.max_verifier_drop, **_decode_rules(args))
 

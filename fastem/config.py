@@ -49,9 +49,11 @@ class AdaptConfig:
 
     min_entropy:    the gate: an utterance whose greedy transcript has a mean next-token entropy below
                     this (nats, 1.0) is not adapted (``result.skipped == "confident"``); 0 adapts all.
-    guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`;
-                    default every one but "likelihood", :data:`fastem.judge.DEFAULT_GUARDS`); when one fires
-                    the unadapted transcript is returned; ``()``: none.
+    guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
+                    one fires the unadapted transcript is returned; ``()``: none.  "auto" (default): with greedy
+                    decoding every one but "likelihood" and "agreement" (:data:`fastem.judge.DEFAULT_GUARDS`); with
+                    beam search the same with "agreement" in place of "verifier" (:data:`fastem.judge.BEAM_GUARDS`;
+                    RESULTS.md, "The verifier's own transcript as evidence").
     max_logp_drop:  "confidence": most the source model's mean log-prob per token may fall (1.5 nats).
     max_seq_logp_drop: "likelihood" (not run by default; name it in ``guards``): most the source model's total
                     log-prob of the transcript may fall (nats);
@@ -110,7 +112,7 @@ class AdaptConfig:
     episodic: bool = True
     # the judge
     min_entropy: float = 1.0
-    guards: tuple = _judge.DEFAULT_GUARDS
+    guards: tuple | str = "auto"
     max_logp_drop: float = 1.5
     max_seq_logp_drop: float | str = "auto"
     max_length_ratio: float = 2.0
@@ -195,13 +197,14 @@ class AdaptConfig:
                 raise ValueError(f"{name} must be None (off) or > 0, got {value!r}")
         if self.logprob_threshold is not None and not self.logprob_threshold <= 0:
             raise ValueError(f"logprob_threshold must be None (off) or <= 0 (nats per token), got {self.logprob_threshold!r}")
-        if isinstance(self.guards, str):
-            self.guards = (self.guards,)
-        self.guards = tuple(self.guards or ())
-        unknown = [g for g in self.guards if g not in _judge.GUARDS]
-        if unknown:
-            raise ValueError(f"unknown guards {unknown}; known: {sorted(_judge.GUARDS)}")
-        for voted in [g for g in self.guards if g in _judge.VOTED]:
+        if self.guards != "auto":
+            if isinstance(self.guards, str):
+                self.guards = (self.guards,)
+            self.guards = tuple(self.guards or ())
+            unknown = [g for g in self.guards if g not in _judge.GUARDS]
+            if unknown:
+                raise ValueError(f"unknown guards {unknown}; known: {sorted(_judge.GUARDS)} (or 'auto')")
+        for voted in [g for g in self.active_guards if g in _judge.VOTED]:
             if self.verifier is None:
                 raise ValueError(f"guards names {voted!r} but verifier=None: name a checkpoint (or 'auto'), or leave "
                                  f"{voted!r} out of guards")
@@ -217,6 +220,14 @@ class AdaptConfig:
         if self.num_samples == "auto":
             return 8 if self.num_beams > 1 else 4
         return self.num_samples
+
+    @property
+    def active_guards(self) -> tuple:
+        """The guards this call runs: ``guards`` resolved ("auto": :data:`fastem.judge.DEFAULT_GUARDS` with greedy
+        decoding, :data:`fastem.judge.BEAM_GUARDS` with beam search)."""
+        if self.guards == "auto":
+            return _judge.BEAM_GUARDS if self.num_beams > 1 else _judge.DEFAULT_GUARDS
+        return self.guards
 
     @property
     def seq_logp_limit(self) -> float | None:

@@ -16,8 +16,8 @@ Three kinds of check, each a small function of the evidence it names:
 * **The verifier** (:mod:`fastem.verifier`), a second checkpoint's vote: loaded only when some
   transcript changed, once per process (``fastem.verifier.clear()`` releases it).
 
-``AdaptConfig.guards`` names every guard that runs (``()``: none); the thresholds are the config's
-judge fields.  :func:`verdicts` evaluates every named guard (each one's verdict is kept in
+``AdaptConfig.guards`` names every guard that runs (``()``: none; ``"auto"``: :data:`DEFAULT_GUARDS` with greedy
+decoding, :data:`BEAM_GUARDS` with beam search); the thresholds are the config's judge fields.  :func:`verdicts` evaluates every named guard (each one's verdict is kept in
 ``AdaptResult.verdicts``); the first that fires, in ``guards`` order, decides.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 
 from .decoding import compression_ratio
 
-__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "SCORED", "check", "compression_ratio", "evidence", "first_fired",
+__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "BEAM_GUARDS", "SCORED", "check", "compression_ratio", "evidence", "first_fired",
            "gate", "longest_repeat", "looping", "sequence_logp", "verdicts", "VOTED"]
 
 
@@ -211,6 +211,10 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
 #: ``likelihood``: on DEV it rejected more gains than harms with greedy decoding too (RESULTS.md, "The
 #: likelihood guard with greedy decoding"); ask for it by name, or give the CLI a threshold.
 DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "verifier")
+#: the guards that run with beam search (``num_beams > 1``) unless ``guards=`` says otherwise: the second
+#: checkpoint's own transcript (``agreement``) instead of its log-prob vote (``verifier``), chosen on DEV for the
+#: beam option (RESULTS.md, "The verifier's own transcript as evidence")
+BEAM_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "agreement")
 #: the guards that need the second checkpoint (:mod:`fastem.verifier`)
 VOTED = frozenset({"verifier", "agreement"})
 #: the guards that judge by the source and the adapted model's scores of both transcripts (the loop computes
@@ -278,12 +282,12 @@ class Case:
 
 
 def judge(cfg, model, cases: list[Case], score_both: Callable) -> list[tuple[dict, tuple[str, str] | None]]:
-    """Gather the evidence the guards of ``cfg.guards`` need and judge each case: ``(verdicts, fired)``.
+    """Gather the evidence the guards of ``cfg.active_guards`` need and judge each case: ``(verdicts, fired)``.
 
     ``score_both(pairs)`` gives, for ``[[ids before, ids after], ...]``, the source and the adapted model's
     mean log-prob per token of each transcript (two lists of pairs); it is called only when a guard of
     :data:`SCORED` runs.  The verifier is loaded only when a transcript changed and ``"verifier"`` runs."""
-    names = cfg.guards
+    names = cfg.active_guards
     if not names or not cases:
         return [({}, None) for _ in cases]
     if SCORED & set(names):

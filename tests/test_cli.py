@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 
 import fastem.cli
+from fastem import judge
 from fastem.cli import main
 
 ADAPT_MODULE = importlib.import_module("fastem.adapt")  # the attribute fastem.adapt is the function
@@ -191,7 +192,7 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     real = ADAPT_MODULE.adapt_batch
 
     def spy(model, audios, **kw):
-        seen.append(kw["config"].guards)
+        seen.append(kw["config"].active_guards)
         drops.append(kw["config"].max_logp_drop)
         verifiers.append((kw["config"].verifier, kw["config"].max_verifier_drop))
         seq_drops.append(kw["config"].max_seq_logp_drop)
@@ -201,7 +202,7 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert main(["transcribe", files["good"], "--adapt", "--guards", "empty,consensus"]) == 0
     assert main(["transcribe", files["good"], "--adapt", "--guards", "none"]) == 0
     assert main(["transcribe", files["good"], "--adapt"]) == 0
-    assert seen == [("empty", "consensus"), (), fastem.AdaptConfig().guards]
+    assert seen == [("empty", "consensus"), (), fastem.AdaptConfig().active_guards]
     assert main(["transcribe", files["good"], "--adapt", "--max-logp-drop", "0"]) == 0
     assert drops == [fastem.AdaptConfig().max_logp_drop] * 3 + [0.0]
     assert main(["transcribe", files["good"], "--adapt", "--verifier", "tiny.en", "--max-verifier-drop", "0.2"]) == 0
@@ -213,6 +214,10 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert "likelihood" in seen[-1] and "likelihood" not in seen[0]  # a threshold runs the guard the default leaves out
     assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "none"]) == 0
     assert "likelihood" not in seen[-1] and "verifier" in seen[-1]
+    assert main(["transcribe", files["good"], "--adapt", "--beams", "2"]) == 0
+    assert seen[-1] == judge.BEAM_GUARDS  # with beams the default judge asks the verifier what it hears
+    assert main(["transcribe", files["good"], "--adapt", "--beams", "2", "--verifier", "none"]) == 0
+    assert "agreement" not in seen[-1] and "verifier" not in seen[-1] and "consensus" in seen[-1]
     with pytest.raises(SystemExit):
         main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
     assert "unknown guard(s) nonsense" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def test_verifier_fires_past_its_threshold_and_abstains_without_scores():
     assert judge.verifier(evidence(after="the cap", ta=[0, 9])) is None  # no verifier (or it abstained)
     assert judge.verifier(evidence(verifier_logp_before=-0.1, verifier_logp_after=-5.0)) is None  # nothing changed
     assert "verifier" in judge.DEFAULT_GUARDS  # the second checkpoint is AdaptConfig.verifier ("auto" by default)
-    assert fastem.AdaptConfig(verifier="base").guards[-1] == "verifier"
+    assert fastem.AdaptConfig(verifier="base").active_guards[-1] == "verifier"
 
 
 def test_confidence_at_zero_accepts_only_what_the_source_model_also_prefers():
@@ -107,7 +107,13 @@ def test_likelihood_compares_whole_transcripts_not_per_token_means():
 def test_guards_names_every_guard_that_runs(processor):
     """One switch: ``guards`` names every guard that runs, the likelihood guard and the verifier included;
     their settings are thresholds only, and asking for a guard without what it needs is an error."""
-    assert fastem.AdaptConfig().guards == judge.DEFAULT_GUARDS
+    assert fastem.AdaptConfig().guards == "auto" and fastem.AdaptConfig().active_guards == judge.DEFAULT_GUARDS
+    # with beams the second checkpoint's own transcript (agreement) replaces its log-prob vote (DEV, RESULTS.md)
+    assert fastem.AdaptConfig(num_beams=5).active_guards == judge.BEAM_GUARDS
+    assert set(judge.BEAM_GUARDS) == set(judge.DEFAULT_GUARDS) - {"verifier"} | {"agreement"}
+    assert fastem.AdaptConfig(num_beams=5, guards=("verifier",)).active_guards == ("verifier",)  # named: as named
+    with pytest.raises(ValueError, match="leave 'agreement' out of guards"):
+        fastem.AdaptConfig(num_beams=5, verifier=None)
     assert "verifier" in judge.DEFAULT_GUARDS and "likelihood" not in judge.DEFAULT_GUARDS  # DEV: off, RESULTS.md
     assert set(judge.DEFAULT_GUARDS) == set(judge.GUARDS) - {"likelihood", "agreement"}  # both opt in
     assert fastem.AdaptConfig(guards=()).guards == ()

@@ -396,7 +396,7 @@ def test_a_verifier_switched_off_leaves_the_row_key_alone():
     (``decode_settings``), so rows decoded before Whisper's rules existed are not taken for new ones."""
     import fastem
 
-    off = {"guards": [g for g in fastem.AdaptConfig().guards if g != "verifier"], "verifier": None}
+    off = {"guards": [g for g in fastem.AdaptConfig().active_guards if g != "verifier"], "verifier": None}
     old = resolved_adapt_config(off)
     assert "verifier" not in old and "max_verifier_drop" not in old
     assert resolved_adapt_config({**off, "max_verifier_drop": 0.3}) == old  # a threshold without its verifier
