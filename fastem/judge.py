@@ -17,8 +17,9 @@ Three kinds of check, each a small function of the evidence it names:
   transcript changed, once per process (``fastem.verifier.clear()`` releases it).
 
 ``AdaptConfig.guards`` names every guard that runs (``()``: none; ``"auto"``: :data:`DEFAULT_GUARDS` with greedy
-decoding, :data:`BEAM_GUARDS` with beam search); the thresholds are the config's judge fields.  :func:`verdicts` evaluates every named guard (each one's verdict is kept in
-``AdaptResult.verdicts``); the first that fires, in ``guards`` order, decides.
+decoding, :data:`BEAM_GUARDS` with beam search); the thresholds are the config's judge fields.
+:func:`verdicts` evaluates every named guard (each one's verdict is kept in ``AdaptResult.verdicts``); the
+first that fires, in ``guards`` order, decides.
 """
 from __future__ import annotations
 
