@@ -29,8 +29,8 @@ from typing import Callable
 
 from .decoding import compression_ratio
 
-__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "BEAM_GUARDS", "SCORED", "check", "compression_ratio", "evidence", "first_fired",
-           "gate", "longest_repeat", "looping", "sequence_logp", "verdicts", "VOTED"]
+__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "BEAM_GUARDS", "SCORED", "VOTED", "agreement", "check",
+           "compression_ratio", "evidence", "first_fired", "gate", "longest_repeat", "looping", "sequence_logp", "verdicts"]
 
 
 @dataclass
