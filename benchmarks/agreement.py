@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from breakdown import guard_names  # noqa: E402
 from guard_sweep import _audio, decide, normalized  # noqa: E402
 from harness.report import score  # noqa: E402
-from redecide import thresholds  # noqa: E402
+from redecide import read_adapted, thresholds, write_rows  # noqa: E402
 
 from fastem import judge  # noqa: E402
 
@@ -107,18 +107,13 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="the data directory (default: the rows' data set's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    rows = [json.loads(line) for line in open(args.rows) if line.strip()]
-    chosen = [r for r in rows if r.get("method") == args.method and r.get("hyp_adapted") is not None]
-    if not chosen:
-        raise SystemExit(f"{args.rows}: no adapted rows of method {args.method!r}")
+    rows, chosen = read_adapted(args.rows, args.method)
     cache = verifier_texts(chosen, Path(args.cache), args.verifier, args.data)
     new = []
     for r in chosen:
         item = cache.get(_key(r, args.verifier or VERIFIER_OF[r["model"]], _beams(r)))
         new.append(redecide_with_agreement(r, args.name, args.variant, item["text"] if item else None))
-    with open(args.out, "w") as f:
-        for r in rows + new:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+    write_rows(args.out, rows + new)
     moved = sum(n["hyp"] != r["hyp"] for n, r in zip(new, chosen))
     fired = sum(bool(n["agreement"]["fired"]) for n in new)
     print(f"{len(new)} rows of {args.method} re-decided as {args.name} ({args.variant}): agreement fired on {fired}, "

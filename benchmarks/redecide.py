@@ -48,6 +48,21 @@ def redecide(row: dict, name: str, changes: dict[str, float | None]) -> dict:
             "changed": hyp != row["text_before"], "redecided": {k: t[k] for k in KEYS}}
 
 
+def read_adapted(path: str, method: str) -> tuple[list[dict], list[dict]]:
+    """Every row of the rows file ``path``, and those of the adapted ``method`` (refused when it has none)."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    chosen = [r for r in rows if r.get("method") == method and r.get("hyp_adapted") is not None]
+    if not chosen:
+        raise SystemExit(f"{path}: no adapted rows of method {method!r}")
+    return rows, chosen
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
 def parse_set(text: str) -> tuple[str, float | None]:
     key, sep, value = text.partition("=")
     if not sep or key not in KEYS:
@@ -63,14 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", type=parse_set, default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    rows = [json.loads(line) for line in open(args.rows) if line.strip()]
-    chosen = [r for r in rows if r.get("method") == args.method and r.get("hyp_adapted") is not None]
-    if not chosen:
-        raise SystemExit(f"{args.rows}: no adapted rows of method {args.method!r}")
+    rows, chosen = read_adapted(args.rows, args.method)
     new = [redecide(r, args.name, dict(args.set)) for r in chosen]
-    with open(args.out, "w") as f:
-        for r in rows + new:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+    write_rows(args.out, rows + new)
     moved = sum(n["hyp"] != r["hyp"] for n, r in zip(new, chosen))
     print(f"{len(new)} rows of {args.method} re-decided as {args.name}: {moved} return another transcript")
     return 0
