@@ -64,7 +64,8 @@ class AdaptConfig:
     verifier:       "verifier": the second checkpoint that votes ("auto": a bundled one other than the
                     model, see :func:`fastem.verifier.resolve_verifier`; a bundled name, hub id or directory).
     max_verifier_drop: "verifier": most the verifier's mean log-prob per token may fall (0.1 nats).
-                    ("agreement", not run by default: the verifier also transcribes the audio, and the adapted
+                    ("agreement", the default with beam search in place of "verifier": the verifier also
+                    transcribes the audio (by Whisper's rules and the call's beams), and the adapted
                     transcript is rejected when it is further from that transcript, in words, than the
                     unadapted one; RESULTS.md, "The verifier's own transcript as evidence".)
 

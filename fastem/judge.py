@@ -207,10 +207,11 @@ GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "verifier": verifier,
     "agreement": agreement,
 }
-#: the guards that run unless ``guards=`` says otherwise, in the order they are checked: the cheap textual
-#: ones first, then those that need the models' scores, then the second checkpoint's vote.  Every guard but
-#: ``likelihood``: on DEV it rejected more gains than harms with greedy decoding too (RESULTS.md, "The
-#: likelihood guard with greedy decoding"); ask for it by name, or give the CLI a threshold.
+#: the guards that run with greedy decoding unless ``guards=`` says otherwise, in the order they are checked:
+#: the cheap textual ones first, then those that need the models' scores, then the second checkpoint's vote.
+#: Every guard but ``likelihood`` (on DEV it rejected more gains than harms with greedy decoding too; RESULTS.md,
+#: "The likelihood guard with greedy decoding"; ask for it by name, or give the CLI a threshold) and
+#: ``agreement`` (on DEV no better than the ``verifier`` vote with greedy decoding).
 DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "verifier")
 #: the guards that run with beam search (``num_beams > 1``) unless ``guards=`` says otherwise: the second
 #: checkpoint's own transcript (``agreement``) instead of its log-prob vote (``verifier``), chosen on DEV for the
