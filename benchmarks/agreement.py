@@ -51,15 +51,18 @@ def verifier_texts(rows: list[dict], cache_path: Path, verifier: str | None, dat
         import torch
 
         from fastem import AdaptConfig
+        from fastem.adapt import WHISPER
         from fastem.verifier import load_verifier, verifier_scores
 
-        rules = AdaptConfig().decode_rules
         with cache_path.open("a") as f:
             for i, r in enumerate(missing):
                 name = verifier or VERIFIER_OF[r["model"]]
                 model, processor = load_verifier(name, torch.device("cpu"))
-                vote = verifier_scores(model, processor, [_audio(r, data_dir)], [[r["text_before"], r["hyp_adapted"]]],
-                                       [r["language"]], rules=rules, num_beams=_beams(r))[0]
+                cfg = AdaptConfig(max_new_tokens=(r.get("adapt") or {}).get("max_new_tokens"))
+                wave = _audio(r, data_dir)
+                vote = verifier_scores(model, processor, [wave], [[r["text_before"], r["hyp_adapted"]]], [r["language"]],
+                                       rules=cfg.decode_rules, num_beams=_beams(r),
+                                       budgets=WHISPER.budgets(cfg, WHISPER.seconds([wave])))[0]
                 item = {"key": _key(r, name, _beams(r)), "verifier": name, "text": vote.get("verifier_text"),
                         "abstained": vote.get("verifier_abstained")}
                 cache[item["key"]] = item

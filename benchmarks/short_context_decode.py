@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import fastem  # noqa: E402
+from fastem.adapt import WHISPER  # noqa: E402
 from fastem.decoding import transcripts  # noqa: E402
 from fastem.sampling import Head, build_prompts  # noqa: E402
 from fastem.text import word_errors  # noqa: E402
@@ -42,7 +43,8 @@ def run(model_name: str, rows_path: Path) -> None:
     data = default_data_dir("dev")
     model, processor = fastem.load_whisper(model_name)
     english_only = model_name.endswith(".en")
-    head, rules = Head(model), fastem.AdaptConfig().decode_rules
+    cfg = fastem.AdaptConfig()
+    head, rules = Head(model), cfg.decode_rules
     done = {json.loads(line)["index"] for line in rows_path.open()} if rows_path.exists() else set()
     with torch.no_grad(), rows_path.open("a") as f:
         for it in work_items(cfg.domains, data, cfg.utts_per_domain):
@@ -57,7 +59,8 @@ def run(model_name: str, rows_path: Path) -> None:
                 x = feats if frames is None else feats[..., :frames]
                 cross = cross_kv(model, encoder_layers(model, encoder_embed(model, x, shorter=frames is not None)))
                 prompts = build_prompts(model, cross, [None if english_only else it.utt.language], head=head)
-                row[name] = transcripts(model, processor, cross, prompts, [int(10 * seconds) + 20], rules, head=head)[0].text
+                row[name] = transcripts(model, processor, cross, prompts, WHISPER.budgets(cfg, [seconds]), rules,
+                                        head=head)[0].text
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
 

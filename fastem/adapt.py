@@ -275,8 +275,8 @@ def _judge_phase(call: _Call, active: list[int], before, after, cross) -> dict[i
                 source = mean_logp(call.model, call.encoder.cross, prompts, pairs, call.head)
         return source, adapted
 
-    cases = [_judge.Case(before[b], after[b], call.waves[b], call.prompts[b].language, call.seconds[b], call.scores[b])
-             for b in active]
+    cases = [_judge.Case(before[b], after[b], call.waves[b], call.prompts[b].language, call.seconds[b], call.scores[b],
+                         call.budgets[b]) for b in active]
     return dict(zip(active, _judge.judge(call.cfg, call.model, cases, score_both)))
 
 

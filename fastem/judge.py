@@ -273,7 +273,8 @@ def evidence(cfg, before, after, seconds: float, scores: dict, language: str | N
 @dataclass
 class Case:
     """One adapted utterance before the judge: its two transcripts (:class:`fastem.decoding.Transcript`),
-    its audio (16 kHz mono, for the verifier), language, length, and the call's scores for it (filled in)."""
+    its audio (16 kHz mono, for the verifier), language, length, the call's scores for it (filled in) and its
+    token budget (the verifier's own transcript gets the same)."""
 
     before: object
     after: object
@@ -281,6 +282,7 @@ class Case:
     language: str | None
     seconds: float
     scores: dict
+    budget: int | None = None
 
 
 def judge(cfg, model, cases: list[Case], score_both: Callable) -> list[tuple[dict, tuple[str, str] | None]]:
@@ -288,7 +290,7 @@ def judge(cfg, model, cases: list[Case], score_both: Callable) -> list[tuple[dic
 
     ``score_both(pairs)`` gives, for ``[[ids before, ids after], ...]``, the source and the adapted model's
     mean log-prob per token of each transcript (two lists of pairs); it is called only when a guard of
-    :data:`SCORED` runs.  The verifier is loaded only when a transcript changed and ``"verifier"`` runs."""
+    :data:`SCORED` runs.  The verifier is loaded only when a transcript changed and a guard of :data:`VOTED` runs."""
     names = cfg.active_guards
     if not names or not cases:
         return [({}, None) for _ in cases]
@@ -320,7 +322,8 @@ def _vote(cfg, model, cases: list[Case], transcribe: bool = False) -> None:
     vmodel, vprocessor = load_verifier(name, next(model.parameters()).device)
     votes = verifier_scores(vmodel, vprocessor, [c.wave for c in cases], [[c.before.text, c.after.text] for c in cases],
                             [c.language for c in cases], task=cfg.task,
-                            **(dict(rules=cfg.decode_rules, num_beams=cfg.num_beams) if transcribe else {}))
+                            **(dict(rules=cfg.decode_rules, num_beams=cfg.num_beams, budgets=[c.budget for c in cases])
+                               if transcribe else {}))
     for c, vote in zip(cases, votes):
         c.scores["verifier"] = name
         c.scores.update(vote)

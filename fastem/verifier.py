@@ -112,12 +112,13 @@ def _cannot_judge(model, language: str | None, task: str) -> str | None:
 @torch.no_grad()
 def verifier_scores(model, processor, waves: list[torch.Tensor], texts: list[list[str]],
                     languages: list[str | None], task: str = "transcribe", *, rules=None,
-                    num_beams: int = 1) -> list[dict]:
+                    num_beams: int = 1, budgets: list[int] | None = None) -> list[dict]:
     """Per utterance, the scores to record: ``verifier_before`` / ``verifier_after``, the verifier's mean
     log-prob per token (end of text included) of each of its two texts, teacher forced on its audio
     (16 kHz mono ``waves``) with the prompt of ``task``; or ``verifier_abstained``, why it cannot judge.
     With ``rules`` (:class:`fastem.decoding.DecodeRules`) also ``verifier_text``, the verifier's own transcript
-    of the audio by those rules (``num_beams > 1``: beam search), from the same encoder pass."""
+    of the audio by those rules (``num_beams > 1``: beam search) in at most ``budgets[b]`` tokens (the call's
+    own budgets), from the same encoder pass."""
     out: list[dict] = []
     usable = []
     for b, lang in enumerate(languages):
@@ -136,11 +137,12 @@ def verifier_scores(model, processor, waves: list[torch.Tensor], texts: list[lis
     for b, (before, after) in zip(usable, mean_logp(model, cross, prompts, ids, head)):
         out[b] = {"verifier_before": before, "verifier_after": after}
     if rules is not None:
-        from .audio import SAMPLE_RATE
         from .decoding import transcripts
 
-        budgets = [int(10 * waves[b].numel() / SAMPLE_RATE) + 20 for b in usable]
-        heard = transcripts(model, processor, cross, prompts, budgets, rules, head=head, num_beams=num_beams)
+        if budgets is None or len(budgets) != len(waves):
+            raise ValueError("a verifier transcript needs one token budget per utterance (budgets=)")
+        heard = transcripts(model, processor, cross, prompts, [budgets[b] for b in usable], rules, head=head,
+                            num_beams=num_beams)
         for b, t in zip(usable, heard):
             out[b]["verifier_text"] = t.text
     return out

@@ -189,13 +189,18 @@ def test_the_verifier_transcribes_for_agreement(processor, monkeypatch):
     model, judge_model = tiny_whisper(), tiny_whisper(seed=5)
     g = torch.Generator().manual_seed(4)
     waves = [torch.randn(24000, generator=g) * 0.1, torch.randn(40000, generator=g) * 0.1]
-    rules = fastem.AdaptConfig().decode_rules
+    cfg = fastem.AdaptConfig()
+    budgets = adapt_module.WHISPER.budgets(cfg, adapt_module.WHISPER.seconds(waves))  # what transcribe gives each
     out = verifier_module.verifier_scores(judge_model, processor, waves, [["a", "b"], ["c", "d"]], ["en", "en"],
-                                          rules=rules)
+                                          rules=cfg.decode_rules, budgets=budgets)
     for b in range(2):
         assert out[b]["verifier_text"] == fastem.transcribe(judge_model, waves[b], processor=processor, language="en")
     assert "verifier_text" not in verifier_module.verifier_scores(judge_model, processor, waves[:1], [["a", "b"]], ["en"])[0]
-    heard = fastem.transcribe(judge_model, waves[0], processor=processor, language="en")
+    with pytest.raises(ValueError, match="token budget"):
+        verifier_module.verifier_scores(judge_model, processor, waves, [["a", "b"], ["c", "d"]], ["en", "en"],
+                                        rules=cfg.decode_rules)
+    # in the loop the verifier transcribes within the call's own budget (max_new_tokens below)
+    heard = fastem.transcribe(judge_model, waves[0], processor=processor, language="en", max_new_tokens=6)
     monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: (judge_model, processor))
     _force_change(monkeypatch)  # (counts the pipeline's transcripts: no transcribe call after it)
     kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
