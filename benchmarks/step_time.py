@@ -67,9 +67,9 @@ def main(argv=None) -> None:
         return out
 
     loop_module._losses = step_marker
-    res = fastem.adapt(model, audio, processor=processor, language="en", steps=args.steps, params=args.params,
-                       num_samples=args.num_samples, guards=(), min_entropy=0.0,
-                       step_precision=args.step_precision)
+    kw = dict(processor=processor, language="en", params=args.params, num_samples=args.num_samples, guards=(),
+              min_entropy=0.0, step_precision=args.step_precision)
+    res = fastem.adapt(model, audio, steps=args.steps, **kw)
     if len(res.history) < 2:
         raise SystemExit(f"only {len(res.history)} step(s) ran: pass --steps 2 or more")
     steps = [h["seconds"] for h in res.history][1:]
@@ -86,16 +86,14 @@ def main(argv=None) -> None:
         print(f"| {label} | {sec:.3f} | {sec / step:.0%} |")
     print(f"| **step** | **{step:.3f}** | |")
     if args.ops:
-        _operators(model, processor, audio, args)
+        _operators(model, audio, args, kw)
 
 
-def _operators(model, processor, audio, args) -> None:
-    """The top operators of ``args.steps - 1`` steps (one more step runs first, unprofiled, as a warm-up), per step."""
+def _operators(model, audio, args, kw: dict) -> None:
+    """The top operators of a call of ``args.steps - 1`` steps with the timed call's settings ``kw`` (after it, so
+    warm), per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    kw = dict(processor=processor, language="en", params=args.params, num_samples=args.num_samples, guards=(),
-              min_entropy=0.0, step_precision=args.step_precision)
-    fastem.adapt(model, audio, steps=1, **kw)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         res = fastem.adapt(model, audio, steps=args.steps - 1, **kw)
     n = max(1, len(res.history))

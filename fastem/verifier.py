@@ -119,6 +119,8 @@ def verifier_scores(model, processor, waves: list[torch.Tensor], texts: list[lis
     With ``rules`` (:class:`fastem.decoding.DecodeRules`) also ``verifier_text``, the verifier's own transcript
     of the audio by those rules (``num_beams > 1``: beam search) in at most ``budgets[b]`` tokens (the call's
     own budgets), from the same encoder pass."""
+    if rules is not None and (budgets is None or len(budgets) != len(waves)):
+        raise ValueError("a verifier transcript needs one token budget per utterance (budgets=)")
     out: list[dict] = []
     usable = []
     for b, lang in enumerate(languages):
@@ -139,8 +141,6 @@ def verifier_scores(model, processor, waves: list[torch.Tensor], texts: list[lis
     if rules is not None:
         from .decoding import transcripts
 
-        if budgets is None or len(budgets) != len(waves):
-            raise ValueError("a verifier transcript needs one token budget per utterance (budgets=)")
         heard = transcripts(model, processor, cross, prompts, [budgets[b] for b in usable], rules, head=head,
                             num_beams=num_beams)
         for b, t in zip(usable, heard):
