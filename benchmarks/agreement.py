@@ -33,8 +33,13 @@ from fastem import judge  # noqa: E402
 VERIFIER_OF = {"base": "tiny.en", "tiny.en": "base"}  # what verifier="auto" picks for the bundled checkpoints
 
 
-def _key(row: dict, verifier: str, beams: int) -> str:
-    return f"{row['domain']}|{row['utt_id']}|{verifier}|{beams}"
+def _verifier(row: dict, verifier: str | None) -> str:
+    """The checkpoint that verifies the row: ``verifier``, or what ``verifier="auto"`` picks for the row's model."""
+    return verifier or VERIFIER_OF[row["model"]]
+
+
+def _key(row: dict, verifier: str | None) -> str:
+    return f"{row['domain']}|{row['utt_id']}|{_verifier(row, verifier)}|{_beams(row)}"
 
 
 def verifier_texts(rows: list[dict], cache_path: Path, verifier: str | None, data_dir: str | None) -> dict[str, dict]:
@@ -46,7 +51,7 @@ def verifier_texts(rows: list[dict], cache_path: Path, verifier: str | None, dat
                 item = json.loads(line)
                 cache[item["key"]] = item
     todo = [r for r in rows if r["hyp_adapted"] != r["text_before"]]
-    missing = [r for r in todo if _key(r, verifier or VERIFIER_OF[r["model"]], _beams(r)) not in cache]
+    missing = [r for r in todo if _key(r, verifier) not in cache]
     if missing:
         import torch
 
@@ -56,14 +61,14 @@ def verifier_texts(rows: list[dict], cache_path: Path, verifier: str | None, dat
 
         with cache_path.open("a") as f:
             for i, r in enumerate(missing):
-                name = verifier or VERIFIER_OF[r["model"]]
+                name = _verifier(r, verifier)
                 model, processor = load_verifier(name, torch.device("cpu"))
                 cfg = AdaptConfig(max_new_tokens=(r.get("adapt") or {}).get("max_new_tokens"))
                 wave = _audio(r, data_dir)
                 vote = verifier_scores(model, processor, [wave], [[r["text_before"], r["hyp_adapted"]]], [r["language"]],
                                        rules=cfg.decode_rules, num_beams=_beams(r),
                                        budgets=WHISPER.budgets(cfg, WHISPER.seconds([wave])))[0]
-                item = {"key": _key(r, name, _beams(r)), "verifier": name, "text": vote.get("verifier_text"),
+                item = {"key": _key(r, verifier), "verifier": name, "text": vote.get("verifier_text"),
                         "abstained": vote.get("verifier_abstained")}
                 cache[item["key"]] = item
                 f.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     cache = verifier_texts(chosen, Path(args.cache), args.verifier, args.data)
     new = []
     for r in chosen:
-        item = cache.get(_key(r, args.verifier or VERIFIER_OF[r["model"]], _beams(r)))
+        item = cache.get(_key(r, args.verifier))
         new.append(redecide_with_agreement(r, args.name, args.variant, item["text"] if item else None))
     write_rows(args.out, rows + new)
     moved = sum(n["hyp"] != r["hyp"] for n, r in zip(new, chosen))
