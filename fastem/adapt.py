@@ -30,7 +30,7 @@ import torch
 from . import judge as _judge
 from .config import AdaptConfig, AdaptResult
 from .decoding import Transcript, transcripts
-from .loop import Encoder, State, drawn_sequences, make_optimizer, step
+from .loop import Encoder, Settling, State, make_optimizer, step
 from .params import Binding, ModelSnapshot, cross_kv_fixed, first_adapted_encoder_layer, select_parameters
 from .sampling import Head, Prompt, build_prompts, mean_logp
 from .whisper import clip_frames, features
@@ -212,8 +212,8 @@ def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | 
 
 
 def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
-    """Phase 4: ``cfg.steps`` optimizer steps on the active utterances (fewer for one whose samples have
-    settled, with ``cfg.stop_when_settled``); their histories."""
+    """Phase 4: ``cfg.steps`` optimizer steps on the active utterances (fewer for one whose greedy transcript
+    has settled, with ``cfg.stop_when_settled``); their histories."""
     histories: list[list[dict]] = [[] for _ in call.waves]
     if not active:
         return histories
@@ -222,21 +222,18 @@ def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
     device = call.head.weight.device
     generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in active]
     prompts, budgets = [call.prompts[b] for b in active], [call.budgets[b] for b in active]
-    frozen, last = [False] * len(active), [None] * len(active)
+    # the rule can fire only with more steps than the updates it waits for
+    watch = Settling(len(active), cfg.settle_updates) if 0 < cfg.settle_updates < cfg.steps else None
+    frozen = watch.frozen if watch is not None else [False] * len(active)
     for i in range(cfg.steps):
         hyps, entries = step(call.model, cfg, call.binding, optimizer, call.encoder, prompts, budgets, generators,
-                             call.head, frozen=frozen)
+                             call.head, frozen=frozen, watch=watch)
+        if hyps is None:  # every utterance has settled
+            break
         call.sample_seconds += hyps.seconds
         for j, (b, entry) in enumerate(zip(active, entries)):
-            if frozen[j]:
-                continue
-            histories[b].append({"step": i, **entry})
-            if cfg.stop_when_settled:
-                drawn = drawn_sequences(hyps, j)
-                frozen[j] = len(drawn) == 1 and drawn == last[j]
-                last[j] = drawn
-        if all(frozen):
-            break
+            if not frozen[j]:
+                histories[b].append({"step": i, **entry})
     if state is not None:
         state.steps_taken += max(len(histories[b]) for b in active)
     return histories

@@ -22,7 +22,7 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--language", default=None, help="language code (default: detected; English for .en models)")
     p.add_argument("--steps", type=int, default=default_steps, help=f"adaptation steps (default {default_steps})")
     p.add_argument("--stop-when-settled", action="store_true",
-                   help="stop a clip's steps once two steps in a row drew one and the same transcript")
+                   help="stop a clip's steps once two updates in a row left its greedy transcript unchanged")
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--num-samples", type=_samples, default=d.num_samples, metavar="K",

@@ -23,9 +23,11 @@ class AdaptConfig:
     **What a user sets**
 
     steps:          optimizer steps on each utterance (10); 0 transcribes without adapting.
-    stop_when_settled: stop an utterance's steps once two steps in a row drew one and the same sequence
-                    (all K samples alike, and alike the step before's: its distribution has settled on
-                    it); the steps left are not run (False: always ``steps``; opt in, see RESULTS.md).
+    stop_when_settled: stop an utterance's steps once its adapted model's greedy transcript has stayed the
+                    same over the last N updates (checked at the start of each step by one greedy decode
+                    from that step's cross-attention keys/values, before it samples); True is N = 2, an
+                    integer sets N; the steps left are not run (False: always ``steps``; see RESULTS.md,
+                    "Stopping when the transcript has settled").
     lr:             AdamW learning rate (2e-3).
     num_samples:    K hypotheses drawn per step: "auto" (default) draws 4 with greedy decoding and 8 with beam
                     search (``num_beams > 1``), the counts chosen on DEV for each (RESULTS.md, "Eight samples per
@@ -101,7 +103,7 @@ class AdaptConfig:
 
     # what a user sets
     steps: int = 10
-    stop_when_settled: bool = False
+    stop_when_settled: bool | int = False
     lr: float = 2e-3
     num_samples: int | str = "auto"
     params: Any = "layernorm"
@@ -148,6 +150,9 @@ class AdaptConfig:
         if self.num_samples != "auto" and (isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int)
                                            or self.num_samples < 1):
             raise ValueError(f"num_samples must be 'auto' or an integer >= 1, got {self.num_samples!r}")
+        if not isinstance(self.stop_when_settled, (bool, int)) or self.stop_when_settled < 0:
+            raise ValueError(f"stop_when_settled must be False, True or a number of updates >= 1, got "
+                             f"{self.stop_when_settled!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.baseline not in BASELINES:
@@ -209,6 +214,13 @@ class AdaptConfig:
             if self.verifier is None:
                 raise ValueError(f"guards names {voted!r} but verifier=None: name a checkpoint (or 'auto'), or leave "
                                  f"{voted!r} out of guards")
+
+    @property
+    def settle_updates(self) -> int:
+        """How many updates in a row must leave the greedy transcript unchanged to stop (0: never stop early)."""
+        if self.stop_when_settled is True:
+            return 2
+        return int(self.stop_when_settled)
 
     @property
     def uses_greedy_hypotheses(self) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,7 +22,7 @@ from .precision import full_precision, step_autocast
 from .sampling import Head, Hypotheses, decode, score, teacher_forced_hidden
 from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers
 
-__all__ = ["Encoder", "State", "make_optimizer", "step"]
+__all__ = ["Encoder", "Settling", "State", "make_optimizer", "step"]
 
 
 @dataclass
@@ -132,16 +132,30 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
 
 
 def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
-         head: Head, frozen: list[bool] | None = None) -> tuple[Hypotheses, list[dict]]:
+         head: Head, frozen: list[bool] | None = None,
+         watch: Callable[[list[tuple[int, ...]]], list[bool]] | None = None) -> tuple[Hypotheses | None, list[dict]]:
     """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated,
-    nor one that is ``frozen`` (its steps are over while others' go on).  Returns the step's hypotheses
-    and one history entry per utterance."""
+    nor one that is ``frozen`` (its steps are over while others' go on).  ``watch``: called with each
+    utterance's greedy transcript under the parameters the step starts from (decoded from the step's own
+    cross-attention keys/values), it returns the updated ``frozen`` flags; when every utterance is frozen
+    the step ends there, before sampling (returns ``None, []``).  Returns the step's hypotheses and one
+    history entry per utterance (with ``greedy``: that transcript, when watched)."""
     n = len(prompts)
     t0 = time.perf_counter()
     binding.before_backward()
+    greedy = None
     with torch.enable_grad():
         autocast = step_autocast(cfg.step_precision, model)
         cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast)  # after before_backward
+        if watch is not None:
+            with torch.no_grad():
+                g = decode(model, cross.detach(), prompts, greedy=True, max_new_tokens=budgets, over=binding.over,
+                           head=head)
+            greedy = [tuple(g.row(b, eos_id=prompts[b].eos_id)) for b in range(n)]
+            frozen = watch(greedy)
+            if all(frozen):
+                binding.zero_grad()
+                return None, []
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head)
@@ -167,9 +181,30 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         entries.append({"loss": float(losses[b].detach()), "entropy": float((entropy[s] * m).sum() / m.sum().clamp_min(1)),
                         "length": float(hyps.lengths[s].float().mean()), "tokens": int(hyps.lengths[s].sum()),
                         "seconds": elapsed, "skipped": not bool(finite[b])})
+        if greedy is not None:
+            entries[-1]["greedy"] = list(greedy[b])
     return hyps, entries
 
 
-def drawn_sequences(hyps: Hypotheses, b: int) -> set[tuple[int, ...]]:
-    """The distinct sequences utterance ``b``'s rows drew in one step."""
-    return {tuple(hyps.row(k)) for k in range(hyps.rows_of(b).start, hyps.rows_of(b).stop)}
+
+class Settling:
+    """The stopping rule of ``AdaptConfig.stop_when_settled``: an utterance's steps end once its greedy
+    transcript has come out the same at the start of ``updates + 1`` steps in a row (``updates`` updates in a
+    row left it unchanged).  Call it with each step's greedy transcripts; it returns the ``frozen`` flags."""
+
+    def __init__(self, n: int, updates: int):
+        self.updates = updates
+        self.frozen = [False] * n
+        self.seen: list[list[tuple[int, ...]]] = [[] for _ in range(n)]
+
+    def __call__(self, greedy: list[tuple[int, ...]]) -> list[bool]:
+        for j, g in enumerate(greedy):
+            if not self.frozen[j]:
+                self.seen[j].append(g)
+                self.frozen[j] = self.settled(j)
+        return self.frozen
+
+    def settled(self, j: int) -> bool:
+        """Whether utterance ``j``'s last ``updates + 1`` greedy transcripts are one and the same."""
+        seen = self.seen[j]
+        return self.updates > 0 and len(seen) > self.updates and len(set(seen[-(self.updates + 1):])) == 1

@@ -471,36 +471,49 @@ def test_the_convolutions_adapt_under_params_all(model, processor):
     assert_same_state(model, before)
 
 
-def test_stop_when_settled_ends_the_steps_once_the_samples_agree(model, processor):
-    """``stop_when_settled``: the steps stop once two steps in a row drew one and the same sequence (here the
-    decoder adapting at a high rate collapses the tiny model's distribution within a few steps); what the
-    call returns is what the same call with that many steps returns."""
-    kwargs = dict(processor=processor, language="en", num_samples=2, lr=0.2, seed=5, max_new_tokens=3,
-                  params="decoder", min_entropy=0.0, guards=(), **PLAIN)
+def test_stop_when_settled_ends_the_steps_once_the_greedy_transcript_settles(model, processor):
+    """``stop_when_settled``: each step starts with the greedy transcript under its parameters (recorded in
+    the history); the steps stop once ``N`` updates in a row left it unchanged, before sampling again.  What
+    the call returns is what the same call with that many steps returns, and its adapted transcript is the
+    transcript the rule saw settle."""
+    kwargs = dict(processor=processor, language="en", num_samples=2, lr=0.05, seed=5, max_new_tokens=3,
+                  min_entropy=0.0, guards=(), **PLAIN)
     audio = speechlike(2.0, seed=0)
-    r = fastem.adapt(model, audio, steps=8, stop_when_settled=True, **kwargs)
-    assert 2 <= len(r.history) < 8
-    same = fastem.adapt(model, audio, steps=len(r.history), **kwargs)
-    assert r.tokens_adapted == same.tokens_adapted
-    assert [h["loss"] for h in r.history] == pytest.approx([h["loss"] for h in same.history], rel=1e-4, abs=1e-4)
+    for updates in (True, 1, 3):
+        n = 2 if updates is True else updates
+        r = fastem.adapt(model, audio, steps=8, stop_when_settled=updates, **kwargs)
+        seen = [tuple(h["greedy"]) for h in r.history]
+        assert n <= len(r.history) < 8
+        assert len(set(seen[-n:])) == 1 and tuple(r.tokens_adapted) == seen[-1]
+        assert all(len(set(seen[i:i + n + 1])) > 1 for i in range(len(seen) - n))  # it did not settle earlier
+        same = fastem.adapt(model, audio, steps=len(r.history), **kwargs)
+        assert r.tokens_adapted == same.tokens_adapted
+        assert [h["loss"] for h in r.history] == pytest.approx([h["loss"] for h in same.history], rel=1e-4, abs=1e-4)
+        assert "greedy" not in same.history[0]
     assert len(fastem.adapt(model, audio, steps=8, **kwargs).history) == 8
+    # with no more steps than the updates it waits for, the rule cannot fire and no greedy transcript is decoded
+    assert "greedy" not in fastem.adapt(model, audio, steps=2, stop_when_settled=2, **kwargs).history[0]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "yes", None])
+def test_stop_when_settled_refuses_what_is_not_a_number_of_updates(bad):
+    with pytest.raises(ValueError, match="stop_when_settled"):
+        AdaptConfig(stop_when_settled=bad)
 
 
 def test_stop_when_settled_in_a_batch_stops_each_utterance_as_alone(model, processor, monkeypatch):
     """In a batch an utterance that settled takes no further update while the others go on: each ends
-    exactly as it would alone.  The tiny model's samples hardly depend on the audio, so when each utterance
-    settles is scripted (the check is called once per step for each utterance still adapting: utterance
-    ``u`` reports its samples settled from its ``settle_after[u]``-th step on)."""
-    adapt_module = importlib.import_module("fastem.adapt")
+    exactly as it would alone.  The tiny model's transcripts hardly depend on the audio, so when each
+    utterance settles is scripted (utterance ``u`` reports settled at its ``settle_after[u]``-th check)."""
+    loop_module = importlib.import_module("fastem.loop")
     settle_after = [2, 5, 9]
-    calls, alone_as = [0, 0, 0], [None]
+    alone_as = [None]
 
-    def scripted(hyps, j):
+    def scripted(self, j):
         u = alone_as[0] if alone_as[0] is not None else j
-        calls[u] += 1
-        return {-1} if calls[u] >= settle_after[u] else {calls[u]}
+        return len(self.seen[j]) >= settle_after[u]
 
-    monkeypatch.setattr(adapt_module, "drawn_sequences", scripted)
+    monkeypatch.setattr(loop_module.Settling, "settled", scripted)
     audios = [speechlike(2.0, seed=0), speechlike(1.2, seed=1), speechlike(2.6, seed=2)]
     kwargs = dict(processor=processor, language="en", num_samples=2, lr=0.05, seed=5, steps=8, max_new_tokens=3,
                   stop_when_settled=True, min_entropy=0.0, guards=(), **PLAIN)
@@ -508,8 +521,8 @@ def test_stop_when_settled_in_a_batch_stops_each_utterance_as_alone(model, proce
     for u, audio in enumerate(audios):
         alone_as[0] = u
         alone.append(fastem.adapt(model, audio, **kwargs))
-    assert [len(r.history) for r in alone] == [3, 6, 8]  # settled at its 2nd/5th check, then one more step to see it
-    alone_as[0], calls[:] = None, [0, 0, 0]
+    assert [len(r.history) for r in alone] == [1, 4, 8]  # settled at its 2nd / 5th check, before that step's update
+    alone_as[0] = None
     before = full_state(model)
     batch = fastem.adapt_batch(model, audios, **kwargs)
     assert_same_state(model, before)

@@ -659,6 +659,8 @@ def _history_summary(history: list[dict]) -> dict:
         if vals:
             out[f"{key}_first"] = float(vals[0])
             out[f"{key}_last"] = float(vals[-1])
+    if history and "greedy" in history[0]:  # stop_when_settled: the greedy transcript each step started from
+        out["greedy_steps"] = [h["greedy"] for h in history]
     return out
 
 
