@@ -691,3 +691,13 @@ def test_smoke_profile_end_to_end_real_model(tmp_path):
     for r in _rows(tmp_path):  # adapted rows carry the token ids the guards saw, so guard_sweep can redo them
         if r["method"] != "none":
             assert r["tokens_before"] and all(isinstance(t, int) for t in r["tokens_before"] + r["tokens_adapted"])
+
+
+def test_history_summary_keeps_the_greedy_transcript_of_each_step_when_recorded():
+    from harness.runner import _history_summary
+    plain = [{"loss": 2.0, "entropy": 1.5, "length": 4.0}, {"loss": 1.0, "entropy": 0.5, "length": 3.0}]
+    out = _history_summary(plain)
+    assert out["steps_done"] == 2 and out["loss_first"] == 2.0 and out["entropy_last"] == 0.5
+    assert "greedy_steps" not in out
+    watched = [{**h, "greedy": g} for h, g in zip(plain, ([5, 6], [5]))]
+    assert _history_summary(watched)["greedy_steps"] == [[5, 6], [5]]
