@@ -17,7 +17,6 @@ written too, so ``paired.py`` can compare them with the run's own methods.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path

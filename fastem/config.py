@@ -24,8 +24,8 @@ class AdaptConfig:
 
     steps:          optimizer steps on each utterance (10); 0 transcribes without adapting.
     stop_when_settled: stop an utterance's steps once its adapted model's greedy transcript has stayed the
-                    same over the last N updates (checked at the start of each step by one greedy decode
-                    from that step's cross-attention keys/values, before it samples); True is N = 2, an
+                    same over the last N updates (checked at each step by one greedy row decoded beside its
+                    samples, before the step scores them); True is N = 2, an
                     integer sets N; the steps left are not run (False: always ``steps``; see RESULTS.md,
                     "Stopping when the transcript has settled").
     lr:             AdamW learning rate (2e-3).

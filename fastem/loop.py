@@ -136,9 +136,9 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
          watch: Callable[[list[tuple[int, ...]]], list[bool]] | None = None) -> tuple[Hypotheses | None, list[dict]]:
     """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated,
     nor one that is ``frozen`` (its steps are over while others' go on).  ``watch``: called with each
-    utterance's greedy transcript under the parameters the step starts from (decoded from the step's own
-    cross-attention keys/values), it returns the updated ``frozen`` flags; when every utterance is frozen
-    the step ends there, before sampling (returns ``None, []``).  Returns the step's hypotheses and one
+    utterance's greedy transcript under the parameters the step starts from (one more row of the step's
+    sampling, which draws the same samples as without it), it returns the updated ``frozen`` flags; when
+    every utterance is frozen the step ends there, before scoring (returns ``None, []``).  Returns the step's hypotheses and one
     history entry per utterance (with ``greedy``: that transcript, when watched)."""
     n = len(prompts)
     t0 = time.perf_counter()
@@ -147,18 +147,18 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
     with torch.enable_grad():
         autocast = step_autocast(cfg.step_precision, model)
         cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast)  # after before_backward
+        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
+                      temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
+                      head=head, with_greedy=watch is not None)
         if watch is not None:
-            with torch.no_grad():
-                g = decode(model, cross.detach(), prompts, greedy=True, max_new_tokens=budgets, over=binding.over,
-                           head=head)
-            greedy = [tuple(g.row(b, eos_id=prompts[b].eos_id)) for b in range(n)]
+            if cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
+                greedy = [tuple(hyps.row(b, eos_id=prompts[b].eos_id)) for b in range(n)]
+            else:
+                greedy, hyps = hyps.split_greedy(prompts[0].eos_id)
             frozen = watch(greedy)
             if all(frozen):
                 binding.zero_grad()
                 return None, []
-        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
-                      temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
-                      head=head)
         losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
         finite = torch.tensor([bool(torch.isfinite(loss)) and not (frozen and frozen[b])
                                for b, loss in enumerate(losses)])

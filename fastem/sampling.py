@@ -92,6 +92,17 @@ class Hypotheses:
         lo = sum(self.groups[:b])
         return slice(lo, lo + self.groups[b])
 
+    def split_greedy(self, eos_id: int) -> tuple[list[tuple[int, ...]], "Hypotheses"]:
+        """For hypotheses decoded ``with_greedy``: each utterance's greedy transcript (without EOS), and the
+        samples alone, as :func:`decode` returns them without it."""
+        greedy = [tuple(self.row(self.rows_of(b).stop - 1, eos_id=eos_id)) for b in range(len(self.groups))]
+        keep = [r for b in range(len(self.groups)) for r in range(self.rows_of(b).start, self.rows_of(b).stop - 1)]
+        index = torch.tensor(keep, device=self.tokens.device)
+        lengths = self.lengths[index]
+        used = int(lengths.max()) if keep else 0
+        return greedy, Hypotheses(tokens=self.tokens[index, :used], lengths=lengths, logp=self.logp[index, :used],
+                                  groups=[g - 1 for g in self.groups], seconds=self.seconds, no_speech=self.no_speech)
+
     def row(self, k: int, *, eos_id: int | None = None) -> list[int]:
         """Real tokens of row ``k`` (without the final EOS when ``eos_id`` is given)."""
         ids = self.tokens[k, : int(self.lengths[k])].tolist()
@@ -262,12 +273,12 @@ def start_rows(model, cross, prompts: list[Prompt], k: int, max_new_tokens: int 
 
 
 def _sample(probs: torch.Tensor, owner: torch.Tensor, live: torch.Tensor, k: int,
-            generators: list[torch.Generator | None]) -> torch.Tensor:
+            generators: list[torch.Generator | None], width: int | None = None) -> torch.Tensor:
     """One draw per live row; utterance ``b`` draws for all its ``k`` rows from its own generator (rows
     that ended get a dummy distribution), so its stream does not depend on its rows' lifetimes or
-    on the other utterances."""
+    on the other utterances.  ``width``: rows per utterance (``k`` unless more rows follow its samples)."""
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    local = live % k
+    local = live % (width or k)
     for b in owner.unique().tolist():
         sel = (owner == b).nonzero(as_tuple=True)[0]
         full = torch.zeros(k, probs.shape[1], device=probs.device, dtype=probs.dtype)
@@ -305,7 +316,7 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
            temperature: float = 1.0, max_new_tokens: int | list[int] = 128,
            generators: list[torch.Generator | None] | None = None, over: LayerNormOverrides | None = None,
            head: Head | None = None, over_rows: list[int] | None = None, no_speech_id: int | None = None,
-           model_logp: bool = False) -> Hypotheses:
+           model_logp: bool = False, with_greedy: bool = False) -> Hypotheses:
     """Draw ``num_samples`` continuations of each utterance's prompt (or its greedy one).
 
     ``cross``: the utterances' cross-attention keys/values (``B`` rows); ``max_new_tokens``: one cap
@@ -315,22 +326,25 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
     ``no_speech_id``: record each utterance's probability of that token right after the start token
     (Whisper's no-speech probability, ``Hypotheses.no_speech``).  ``model_logp``: ``logp`` holds each
     drawn token's log-prob under the model's own distribution (temperature 1), as Whisper's
-    average log-prob counts it, instead of the distribution it was drawn from.
+    average log-prob counts it, instead of the distribution it was drawn from.  ``with_greedy``: one more
+    row per utterance, after its samples, decoded greedily in the same passes (the samples drawn are those
+    drawn without it; :meth:`Hypotheses.split_greedy` separates it).
     """
     if temperature <= 0 and not greedy:
         raise ValueError("temperature must be > 0 for sampling (use greedy=True for argmax decoding)")
     t0 = time.perf_counter()
     n = len(prompts)
     k = 1 if greedy else num_samples
+    width = k + 1 if with_greedy and not greedy else k  # rows per utterance
     head = head or Head(model)
     device = cross.device
-    start = start_rows(model, cross, prompts, k, max_new_tokens, over=over, over_rows=over_rows, head=head,
+    start = start_rows(model, cross, prompts, width, max_new_tokens, over=over, over_rows=over_rows, head=head,
                        no_speech_id=no_speech_id)
     limits, groups, owner, ln_owner, hidden, cache = (start.limits, start.groups, start.owner, start.ln_owner,
                                                       start.hidden, start.cache)
     generators = list(generators) if generators is not None else [None] * n
-    rows = n * k
-    limit_row = torch.tensor(limits, device=device).repeat_interleave(k)
+    rows = n * width
+    limit_row = torch.tensor(limits, device=device).repeat_interleave(width)
     steps = max(limits)
     eos = prompts[0].eos_id
     first_bias, bias = prompts[0].biases(head.vocab_size, device)
@@ -347,7 +361,13 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
             entropy[live, t] = torch.special.entr(log_probs.exp()).sum(-1)
         else:
             log_probs = torch.log_softmax(logits / temperature, dim=-1)
-            nxt = _sample(log_probs.exp(), owner[live], live, k, generators)
+            if width > k:
+                drawn = (live % width) < k
+                nxt = logits.argmax(-1)
+                nxt[drawn] = _sample(log_probs[drawn].exp(), owner[live][drawn], live[drawn], k, generators,
+                                     width=width)
+            else:
+                nxt = _sample(log_probs.exp(), owner[live], live, k, generators)
             if model_logp and temperature != 1.0:
                 log_probs = torch.log_softmax(logits, dim=-1)
         tokens[live, t] = nxt

@@ -213,6 +213,29 @@ def test_batched_decoding_equals_each_utterance_alone(num_samples, caps, eos_str
     assert capped >= 1, "no row reached its cap: the caps were not exercised"
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("eos_strength, caps", [(3.0, [9, 9, 9]), (0.2, [2, 9, 5])])
+def test_with_greedy_adds_the_greedy_row_and_draws_the_same_samples(eos_strength, caps):
+    """``with_greedy``: each utterance's greedy row comes after its samples; the samples (tokens, lengths,
+    log-probs) are those drawn without it, and the greedy row is what greedy decoding returns, whichever
+    row ends first."""
+    model = tiny_whisper(seed=1, eos_strength=eos_strength)
+    feats = features(len(caps))
+    cross, prompts = setup(model, feats)
+    kw = dict(num_samples=3, max_new_tokens=caps, temperature=0.8)
+    plain = sampling.decode(model, cross, prompts, generators=gens([4, 5, 6]), **kw)
+    both = sampling.decode(model, cross, prompts, generators=gens([4, 5, 6]), with_greedy=True, **kw)
+    assert both.groups == [4, 4, 4]
+    greedy, samples = both.split_greedy(EOS)
+    assert samples.groups == plain.groups and torch.equal(samples.lengths, plain.lengths)
+    assert torch.equal(samples.tokens, plain.tokens)
+    torch.testing.assert_close(samples.logp, plain.logp, atol=1e-5, rtol=0)
+    alone = sampling.decode(model, cross, prompts, greedy=True, max_new_tokens=caps)
+    assert greedy == [tuple(alone.row(b, eos_id=EOS)) for b in range(len(caps))]
+    assert any(len(g) != int(samples.lengths[samples.rows_of(b)].max()) for b, g in enumerate(greedy)), \
+        "the greedy rows all ended with the samples: lifetimes were not exercised"
+
+
 # ------------------------------------------------------------------------------------------------
 # score
 # ------------------------------------------------------------------------------------------------
