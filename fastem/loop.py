@@ -138,8 +138,8 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
     nor one that is ``frozen`` (its steps are over while others' go on).  ``watch``: called with each
     utterance's greedy transcript under the parameters the step starts from (one more row of the step's
     sampling, which draws the same samples as without it), it returns the updated ``frozen`` flags; when
-    every utterance is frozen the step ends there, before scoring (returns ``None, []``).  Returns the step's hypotheses and one
-    history entry per utterance (with ``greedy``: that transcript, when watched)."""
+    every utterance is frozen the step ends there, before scoring (returns ``None, []``).  Returns the step's
+    hypotheses and one history entry per utterance (with ``greedy``: that transcript, when watched)."""
     n = len(prompts)
     t0 = time.perf_counter()
     binding.before_backward()
