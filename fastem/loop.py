@@ -85,18 +85,20 @@ class Encoder:
         return Encoder(self.start, self.embed, self.cross_fixed, self.prefix[index], self.source[index],
                        self.cross.select(index), None if self.short is None else self.short[index])
 
-    def adapted_cross(self, model, over, *, short: bool = False, autocast=None) -> CrossKV:
+    def adapted_cross(self, model, over, *, short: bool = False, autocast=None,
+                      rows: torch.Tensor | None = None) -> CrossKV:
         """Cross-attention keys/values under the current adapted parameters (``short``: on the clips' own
         length, where the config asks for it).  ``autocast``: the context the encoder layers run in
         (:func:`fastem.precision.step_autocast`); the keys/values are projected from their output in the
-        model's own dtype, so sampling and scoring run as they do without it."""
+        model's own dtype, so sampling and scoring run as they do without it.  ``rows``: the row of
+        ``over``'s tables each utterance of this encoder uses (a :meth:`select`-ed part of the batch)."""
         prefix = self.short if short and self.short is not None else self.prefix
         if self.embed or self.start is not None:
             with autocast if autocast is not None else contextlib.nullcontext():
                 if self.embed:
-                    hidden = encoder_layers(model, encoder_embed(model, prefix, shorter=True), 0, over=over)
+                    hidden = encoder_layers(model, encoder_embed(model, prefix, shorter=True), 0, over=over, rows=rows)
                 else:
-                    hidden = encoder_layers(model, prefix, self.start, over=over)
+                    hidden = encoder_layers(model, prefix, self.start, over=over, rows=rows)
             return cross_kv(model, hidden.to(self.source.dtype))
         if not self.cross_fixed:
             return cross_kv(model, self.source)
@@ -104,10 +106,10 @@ class Encoder:
 
 
 def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Binding,
-            head: Head, generators) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+            head: Head, generators, over_rows=None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Each utterance's loss, and the hypotheses' per-token entropy and mask (for the history)."""
     if cfg.objective == "suta":
-        hidden = teacher_forced_hidden(model, cross, prompts, hyps, over=binding.over)
+        hidden = teacher_forced_hidden(model, cross, prompts, hyps, over=binding.over, over_rows=over_rows)
         first_bias, bias = prompts[0].biases(head.vocab_size, hidden.device)
         mask = hyps.mask
         losses, ents = [], torch.zeros(mask.shape, device=hidden.device)
@@ -122,7 +124,7 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
                 ents[r, :n] = entropy_rows(z)
         return losses, ents, mask
     entropy, logp, mask = score(model, cross, prompts, hyps, temperature=cfg.temperature, backend=cfg.backend,
-                                over=binding.over, head=head)
+                                over=binding.over, head=head, over_rows=over_rows)
     losses = []
     for b in range(len(prompts)):
         s = hyps.rows_of(b)
@@ -133,37 +135,50 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
 
 def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
          head: Head, frozen: list[bool] | None = None,
-         watch: Callable[[list[tuple[int, ...]]], list[bool]] | None = None) -> tuple[Hypotheses | None, list[dict]]:
+         watch: Callable[[list[tuple[int, ...] | None]], list[bool]] | None = None) -> tuple[Hypotheses | None, list[dict]]:
     """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated,
-    nor one that is ``frozen`` (its steps are over while others' go on).  ``watch``: called with each
+    nor one that is ``frozen`` (its steps are over while others' go on; where each utterance has its own
+    rows of the adapted parameters, the step runs on the others alone).  ``watch``: called with each
     utterance's greedy transcript under the parameters the step starts from (one more row of the step's
-    sampling, which draws the same samples as without it), it returns the updated ``frozen`` flags; when
-    every utterance is frozen the step ends there, before scoring (returns ``None, []``).  Returns the step's
-    hypotheses and one history entry per utterance (with ``greedy``: that transcript, when watched)."""
+    sampling, which draws the same samples as without it; None for a frozen utterance not run), it returns
+    the updated ``frozen`` flags; when every utterance is frozen the step ends there, before scoring
+    (returns ``None, []``).  Returns the step's hypotheses and one history entry per utterance run (with
+    ``greedy``: that transcript, when watched; an empty entry for one not run)."""
     n = len(prompts)
     t0 = time.perf_counter()
+    live = [b for b in range(n) if not (frozen and frozen[b])]
+    sub = live if binding.over is not None and len(live) < n else None  # run the live utterances alone
+    if sub is not None:
+        encoder, prompts = encoder.select(sub), [prompts[b] for b in sub]
+        budgets, generators = [budgets[b] for b in sub], [generators[b] for b in sub]
+    ran = sub if sub is not None else list(range(n))
     binding.before_backward()
     greedy = None
     with torch.enable_grad():
         autocast = step_autocast(cfg.step_precision, model)
-        cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast)  # after before_backward
+        rows = None if sub is None else torch.tensor(sub, device=head.weight.device)
+        cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast, rows=rows)  # after before_backward
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
-                      head=head, with_greedy=watch is not None)
+                      head=head, with_greedy=watch is not None, over_rows=sub)
         if watch is not None:
             if cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
-                greedy = [tuple(hyps.row(b, eos_id=prompts[b].eos_id)) for b in range(n)]
+                greedy = [tuple(hyps.row(j, eos_id=prompts[j].eos_id)) for j in range(len(ran))]
             else:
                 greedy, hyps = hyps.split_greedy(prompts[0].eos_id)
-            frozen = watch(greedy)
+            seen: list[tuple[int, ...] | None] = [None] * n
+            for j, b in enumerate(ran):
+                seen[b] = greedy[j]
+            frozen = watch(seen)
             if all(frozen):
                 binding.zero_grad()
                 return None, []
-        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators)
-        finite = torch.tensor([bool(torch.isfinite(loss)) and not (frozen and frozen[b])
-                               for b, loss in enumerate(losses)])
+        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators, over_rows=sub)
+        finite = torch.zeros(n, dtype=torch.bool)
+        for j, b in enumerate(ran):
+            finite[b] = bool(torch.isfinite(losses[j])) and not (frozen and frozen[b])
         if bool(finite.any()):
-            sum(loss for loss, f in zip(losses, finite) if f).backward()
+            sum(loss for loss, b in zip(losses, ran) if finite[b]).backward()
     binding.after_backward()
     finite &= binding.grad_finite(n)
     saved = binding.rows() if not bool(finite.all()) else None
@@ -174,17 +189,16 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         binding.undo(saved, ~finite)
     binding.zero_grad()
     elapsed = time.perf_counter() - t0
-    entries = []
-    for b in range(n):
-        s = hyps.rows_of(b)
+    entries: list[dict] = [{} for _ in range(n)]
+    for j, b in enumerate(ran):
+        s = hyps.rows_of(j)
         m = mask[s]
-        entries.append({"loss": float(losses[b].detach()), "entropy": float((entropy[s] * m).sum() / m.sum().clamp_min(1)),
-                        "length": float(hyps.lengths[s].float().mean()), "tokens": int(hyps.lengths[s].sum()),
-                        "seconds": elapsed, "skipped": not bool(finite[b])})
+        entries[b] = {"loss": float(losses[j].detach()), "entropy": float((entropy[s] * m).sum() / m.sum().clamp_min(1)),
+                      "length": float(hyps.lengths[s].float().mean()), "tokens": int(hyps.lengths[s].sum()),
+                      "seconds": elapsed, "skipped": not bool(finite[b])}
         if greedy is not None:
-            entries[-1]["greedy"] = list(greedy[b])
+            entries[b]["greedy"] = list(greedy[j])
     return hyps, entries
-
 
 
 class Settling:
@@ -197,9 +211,9 @@ class Settling:
         self.frozen = [False] * n
         self.seen: list[list[tuple[int, ...]]] = [[] for _ in range(n)]
 
-    def __call__(self, greedy: list[tuple[int, ...]]) -> list[bool]:
+    def __call__(self, greedy: list[tuple[int, ...] | None]) -> list[bool]:
         for j, g in enumerate(greedy):
-            if not self.frozen[j]:
+            if not self.frozen[j] and g is not None:
                 self.seen[j].append(g)
                 self.frozen[j] = self.settled(j)
         return self.frozen

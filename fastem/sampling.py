@@ -389,27 +389,32 @@ def decode(model, cross: CrossKV, prompts: list[Prompt], *, num_samples: int = 1
 
 
 def teacher_forced_hidden(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *,
-                          over: LayerNormOverrides | None = None) -> torch.Tensor:
-    """Decoder hidden states ``[R, T, D]``; ``hidden[:, t]`` predicts ``hyps.tokens[:, t]``."""
+                          over: LayerNormOverrides | None = None, over_rows: list[int] | None = None) -> torch.Tensor:
+    """Decoder hidden states ``[R, T, D]``; ``hidden[:, t]`` predicts ``hyps.tokens[:, t]``.  ``over_rows[b]``:
+    the row of ``over``'s tables utterance ``b`` uses (as for :func:`decode`)."""
     device = hyps.tokens.device
     plen = len(prompts[0].ids)
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(
         torch.tensor(hyps.groups, device=device), dim=0)
     ids = torch.cat([prompt_ids, hyps.tokens[:, :-1]], dim=1)
-    return cross.forward(model, ids, hyps.groups, over=over,
-                         rows=_row_owner(hyps.groups, device) if over is not None else None, start=plen - 1)
+    rows = None
+    if over is not None:
+        rows = _row_owner(hyps.groups, device)
+        if over_rows is not None:
+            rows = torch.tensor(over_rows, device=device)[rows]
+    return cross.forward(model, ids, hyps.groups, over=over, rows=rows, start=plen - 1)
 
 
 def score(model, cross: CrossKV, prompts: list[Prompt], hyps: Hypotheses, *, temperature: float = 1.0,
-          backend: str = "auto", over: LayerNormOverrides | None = None,
-          head: Head | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          backend: str = "auto", over: LayerNormOverrides | None = None, head: Head | None = None,
+          over_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced ``(entropy, logp, mask)``, each ``[R, T]``, differentiable w.r.t. the adapted
     parameters (through ``cross`` when it requires grad, and through ``over``)."""
     head = head or Head(model)
     tokens, mask = hyps.tokens, hyps.mask
     rows, steps = tokens.shape
     device = tokens.device
-    hidden = teacher_forced_hidden(model, cross, prompts, hyps, over=over)
+    hidden = teacher_forced_hidden(model, cross, prompts, hyps, over=over, over_rows=over_rows)
     first_bias, bias = prompts[0].biases(head.vocab_size, device)
     if head.bias is not None:
         first_bias, bias = first_bias + head.bias / temperature, bias + head.bias / temperature

@@ -87,11 +87,14 @@ def clip_frames(seconds: list[float], total: int = 3000, margin_seconds: float =
 
 
 def encoder_layers(model, h: torch.Tensor, start: int = 0, stop: int | None = None, *,
-                   over: LayerNormOverrides | None = None, final_norm: bool = True) -> torch.Tensor:
+                   over: LayerNormOverrides | None = None, final_norm: bool = True,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """Encoder layers ``[start, stop)`` on hidden states ``h [B, S, D]``, then the final LayerNorm
-    (when ``final_norm`` and the stack is run to its end)."""
+    (when ``final_norm`` and the stack is run to its end).  ``rows [B]``: the row of ``over``'s tables
+    each utterance uses (default: its own index)."""
     enc = model.get_encoder()
-    rows = torch.arange(h.shape[0], device=h.device) if over is not None else None
+    if over is not None and rows is None:
+        rows = torch.arange(h.shape[0], device=h.device)
     layers = enc.layers[start:stop]
     for layer in layers:
         x = _ln(layer.self_attn_layer_norm, h, over, rows)

@@ -524,8 +524,12 @@ def test_stop_when_settled_in_a_batch_stops_each_utterance_as_alone(model, proce
     assert [len(r.history) for r in alone] == [1, 4, 8]  # settled at its 2nd / 5th check, before that step's update
     alone_as[0] = None
     before = full_state(model)
+    sizes, real_decode = [], loop_module.decode
+    monkeypatch.setattr(loop_module, "decode", lambda model, cross, prompts, **kw: sizes.append(len(prompts)) or
+                        real_decode(model, cross, prompts, **kw))
     batch = fastem.adapt_batch(model, audios, **kwargs)
     assert_same_state(model, before)
+    assert sizes == [3, 3, 2, 2, 2, 1, 1, 1]  # a settled utterance is no longer run: the others step alone
     for a, b in zip(alone, batch):
         assert len(b.history) == len(a.history) and b.tokens_adapted == a.tokens_adapted
         assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4, abs=1e-4)
