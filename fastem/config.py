@@ -22,7 +22,8 @@ class AdaptConfig:
 
     **What a user sets**
 
-    steps:          optimizer steps on each utterance (10); 0 transcribes without adapting.
+    steps:          optimizer steps on each utterance (10; fewer where ``stop_when_settled`` stops them); 0
+                    transcribes without adapting.
     stop_when_settled: stop an utterance's steps once its adapted model's greedy transcript has stayed the
                     same over the last N updates (checked at each step by one greedy row decoded beside its
                     samples, before the step scores them); the steps left are not run.  "auto" (default):
