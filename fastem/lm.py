@@ -147,9 +147,9 @@ class _LMEncoder:
     cross: LMContext
     prompt: list[int] | None = None  # the one prompt the context was read from (None: no prefix)
 
-    def adapted_cross(self, model, over, *, short: bool = False, autocast=None) -> LMContext:
-        """The prompt's context under the adapted parameters, in the model's own dtype (``autocast`` is for
-        Whisper's encoder: a language model has none)."""
+    def adapted_cross(self, model, over, *, short: bool = False, autocast=None, rows=None) -> LMContext:
+        """The prompt's context under the adapted parameters, in the model's own dtype (``autocast`` and ``rows``
+        are for Whisper's encoder: a language model has none, and no per-utterance parameter rows)."""
         if self.prompt is None:
             return self.cross
         return LMContext.read(model, self.prompt, self.cross.device)
