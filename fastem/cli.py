@@ -16,12 +16,12 @@ __all__ = ["main", "build_parser"]
 
 
 def _settle(text: str):
-    if text in ("auto", "off"):
-        return "auto" if text == "auto" else False
+    if text == "off":
+        return False
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, off or a number of updates, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected off or a number of updates, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of updates >= 1, got {value}")
     return value
@@ -33,9 +33,9 @@ def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--language", default=None, help="language code (default: detected; English for .en models)")
     p.add_argument("--steps", type=int, default=default_steps, help=f"adaptation steps (default {default_steps})")
-    p.add_argument("--stop-when-settled", type=_settle, default="auto", metavar="N",
+    p.add_argument("--stop-when-settled", type=_settle, default=False, metavar="N",
                    help="stop a clip's steps once N updates in a row left its greedy transcript unchanged "
-                        "(default auto: 3 with greedy decoding, off with --beams; off: always --steps)")
+                        "(default off: always --steps)")
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--num-samples", type=_samples, default=d.num_samples, metavar="K",
