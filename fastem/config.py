@@ -26,7 +26,7 @@ class AdaptConfig:
     stop_when_settled: stop an utterance's steps once its adapted model's greedy transcript has stayed the
                     same over the last N updates (checked at each step by one greedy row decoded beside its
                     samples, before the step scores them); the steps left are not run.  False (default) always
-                    takes ``steps``; True is N = 2, an integer sets N.  Opt in: N = 3 cost a third fewer updates
+                    takes ``steps``; True is N = 2, an integer sets N.  Opt in: N = 3 took a third fewer updates
                     on DEV but was worse on CONFIRM (RESULTS.md "Stopping when the transcript has settled").
     lr:             AdamW learning rate (2e-3).
     num_samples:    K hypotheses drawn per step: "auto" (default) draws 4 with greedy decoding and 8 with beam
