@@ -230,6 +230,11 @@ def _row_owner(groups: list[int], device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(groups), device=device), torch.tensor(groups, device=device))
 
 
+def _ln_rows(owner: torch.Tensor, over_rows: list[int] | None) -> torch.Tensor:
+    """Each row's row of the per-utterance LayerNorm tables: its utterance's ``over_rows`` entry (default its own)."""
+    return owner if over_rows is None else torch.tensor(over_rows, device=owner.device)[owner]
+
+
 @dataclass
 class Started:
     """``k`` rows per utterance with their prompts run into a cache: what the sampler and beam search start from.
@@ -262,7 +267,7 @@ def start_rows(model, cross, prompts: list[Prompt], k: int, max_new_tokens: int 
         raise ValueError(f"no room to decode: prompt of {plen} tokens, max_new_tokens={max_new_tokens}")
     groups = [k] * n
     owner = _row_owner(groups, device)
-    ln_owner = owner if over_rows is None else torch.tensor(over_rows, device=device)[owner]
+    ln_owner = _ln_rows(owner, over_rows)
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(k, 0)
     prompt_hidden, cache = cross.prefill(model, prompt_ids, groups, max_len=plen + max(limits), over=over, rows=ln_owner)
     no_speech = None
@@ -397,11 +402,7 @@ def teacher_forced_hidden(model, cross: CrossKV, prompts: list[Prompt], hyps: Hy
     prompt_ids = torch.tensor([p.ids for p in prompts], device=device).repeat_interleave(
         torch.tensor(hyps.groups, device=device), dim=0)
     ids = torch.cat([prompt_ids, hyps.tokens[:, :-1]], dim=1)
-    rows = None
-    if over is not None:
-        rows = _row_owner(hyps.groups, device)
-        if over_rows is not None:
-            rows = torch.tensor(over_rows, device=device)[rows]
+    rows = _ln_rows(_row_owner(hyps.groups, device), over_rows) if over is not None else None
     return cross.forward(model, ids, hyps.groups, over=over, rows=rows, start=plen - 1)
 
 
