@@ -15,6 +15,13 @@ macro WER of A against B on the utterances both have, the paired 95% bootstrap i
 change, and worse / better counts (``harness.report.paired_comparison``).  With ``--by-condition`` each
 pair is followed by the same line for each kind of shift (``natural``, ``noise 0 dB``, ``noise 5 dB``,
 ``reverb``, ``channel``: ``harness.report.condition``), macro WER over that kind's domains.
+
+A method may also be a pool of several, ``A+B`` (for example one recipe's two draws of the sampler,
+``fastem+fastem_s1``, against another's, ``k8+k8_s1``; against the unadapted rows, ``none+none``): per
+utterance its word errors and reference words are the sums over its parts, on the utterances every part
+has, so its macro WER is the mean of the parts' and the paired bootstrap resamples an utterance with all
+of its draws inside.  One draw of the sampler moves a recipe's macro WER by a few points (RESULTS.md,
+"Stopping when the transcript has settled"); pooling draws is how two close recipes are compared.
 """
 from __future__ import annotations
 
@@ -56,6 +63,20 @@ def load(specs: list[str]) -> list[dict]:
     return rows
 
 
+def pool(rows: list[dict], name: str) -> list[dict]:
+    """The rows of the pooled method ``name`` (``A+B+...``): each utterance's errors and reference words
+    summed over the parts, on the utterances every part has (a part may be named twice)."""
+    parts = name.split("+")
+    by_part = [{(r["domain"], r["utt_id"]): r for r in rows if r["method"] == p} for p in parts]
+    out = []
+    for key in by_part[0]:
+        if all(key in b for b in by_part):
+            out.append({"method": name, "domain": key[0], "utt_id": key[1],
+                        "errors": sum(int(b[key]["errors"]) for b in by_part),
+                        "ref_words": sum(int(b[key]["ref_words"]) for b in by_part)})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="+", metavar="ROWS", help="a rows file, or LABEL=PATH")
@@ -66,9 +87,14 @@ def main(argv=None) -> int:
     names = sorted({r["method"] for r in rows})
     for pair in args.pair:
         a, sep, b = pair.partition(":")
-        missing = [m for m in (a, b) if m not in names]
+        missing = [m for m in (a, b) for part in m.split("+") if part not in names]
         if not sep or missing:
-            raise SystemExit(f"--pair {pair!r}: expected A:B with methods among {', '.join(names)}")
+            raise SystemExit(f"--pair {pair!r}: expected A:B with methods among {', '.join(names)} "
+                             "(or pools of them, A+B)")
+        for m in {a, b}:
+            if "+" in m and m not in names:
+                rows = rows + pool(rows, m)
+                names.append(m)
         print(paired_line(rows, a, b) or f"{a}: no utterance in common with {b}")
         if args.by_condition:
             for kind in sorted({condition(r["domain"]) for r in rows}):

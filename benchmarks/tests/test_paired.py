@@ -47,3 +47,20 @@ def test_by_condition_splits_each_pair_by_kind_of_shift(tmp_path, capsys):
     assert len(lines) == 3 and "(+16.7%" in lines[0]  # macro (10% + 60%) / 2 against 30%
     assert lines[1].startswith("  noise 0 dB: m: macro WER 10.00% vs none 30.00% (-66.7%") and "0 / 2 of 2" in lines[1]
     assert lines[2].startswith("  reverb: m: macro WER 60.00% vs none 30.00% (+100.0%") and "2 / 0 of 2" in lines[2]
+
+
+def test_pools_sum_each_utterance_over_its_draws(tmp_path, capsys):
+    rows = [{"method": "none", "domain": "d", "utt_id": str(i), "ref_words": 10, "errors": 4} for i in range(3)]
+    rows += [{"method": "a", "domain": "d", "utt_id": str(i), "ref_words": 10, "errors": e} for i, e in enumerate((1, 5, 4))]
+    rows += [{"method": "a_s1", "domain": "d", "utt_id": str(i), "ref_words": 10, "errors": e} for i, e in enumerate((3, 3, 4))]
+    rows.append({"method": "a_s1", "domain": "d", "utt_id": "7", "ref_words": 10, "errors": 9})  # not in every part
+    path = _write(tmp_path / "r.jsonl", rows)
+    pooled = paired.pool(paired.load([path]), "a+a_s1")
+    assert sorted((r["utt_id"], r["errors"], r["ref_words"]) for r in pooled) == [("0", 4, 20), ("1", 8, 20), ("2", 8, 20)]
+    assert paired.main([path, "--pair", "a+a_s1:none+none", "--pair", "a:none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # pooled: (4 + 8 + 8) / 60 = 33.3% against 24 / 60 = 40%; utterance 0 better (4 < 8), 1 and 2 the same
+    assert lines[0].startswith("a+a_s1: macro WER 33.33% vs none+none 40.00% (-16.7%") and "0 / 1 of 3" in lines[0]
+    assert lines[1].startswith("a: macro WER 33.33% vs none 40.00%") and "1 / 1 of 3" in lines[1]
+    with pytest.raises(SystemExit, match="pools of them"):
+        paired.main([path, "--pair", "a+nope:none"])
