@@ -198,13 +198,13 @@ def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | 
     """Phase 3: the utterances that adapt, and why each other one does not."""
     skipped: list[str | None] = []
     for t in before:
-        if not call.cfg.steps:
+        if not call.cfg.step_count:
             skipped.append(None)
         elif t.silence:
             skipped.append("no_speech")
         else:
             skipped.append(_judge.gate(t.entropy, t.fallback, call.cfg.min_entropy))
-    active = [b for b in range(len(before)) if call.cfg.steps and skipped[b] is None]
+    active = [b for b in range(len(before)) if call.cfg.step_count and skipped[b] is None]
     if active and len(active) < len(before):  # several episodic utterances, some not adapted: adapt the others
         call.binding = Binding(call.model, call.binding.named, len(active))
         call.encoder = call.encoder.select(active)
@@ -212,7 +212,7 @@ def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | 
 
 
 def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
-    """Phase 4: ``cfg.steps`` optimizer steps on the active utterances (fewer for one whose greedy transcript
+    """Phase 4: ``cfg.step_count`` optimizer steps on the active utterances (fewer for one whose greedy transcript
     has settled, with ``cfg.stop_when_settled``); their histories."""
     histories: list[list[dict]] = [[] for _ in call.waves]
     if not active:
@@ -223,9 +223,9 @@ def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
     generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in active]
     prompts, budgets = [call.prompts[b] for b in active], [call.budgets[b] for b in active]
     # the rule can fire only with more steps than the updates it waits for
-    watch = Settling(len(active), cfg.settle_updates) if 0 < cfg.settle_updates < cfg.steps else None
+    watch = Settling(len(active), cfg.settle_updates) if 0 < cfg.settle_updates < cfg.step_count else None
     frozen = watch.frozen if watch is not None else [False] * len(active)
-    for i in range(cfg.steps):
+    for i in range(cfg.step_count):
         hyps, entries = step(call.model, cfg, call.binding, optimizer, call.encoder, prompts, budgets, generators,
                              call.head, frozen=frozen, watch=watch)
         if hyps is None:  # every utterance has settled

@@ -27,19 +27,20 @@ def _settle(text: str):
     return value
 
 
-def _add_method_args(p: argparse.ArgumentParser, default_steps: int) -> None:
+def _add_method_args(p: argparse.ArgumentParser, default_steps: int | str) -> None:
     d = AdaptConfig()
     p.add_argument("--model", default="base", help="tiny.en, base (bundled), a hub id or a local checkpoint dir")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--language", default=None, help="language code (default: detected; English for .en models)")
-    p.add_argument("--steps", type=int, default=default_steps, help=f"adaptation steps (default {default_steps})")
+    p.add_argument("--steps", type=_steps, default=default_steps,
+                   help=f"adaptation steps (default {default_steps}: 5 greedy, 10 with --beams)")
     p.add_argument("--stop-when-settled", type=_settle, default=False, metavar="N",
                    help="stop a clip's steps once N updates in a row left its greedy transcript unchanged "
                         "(default off: always --steps)")
     p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--num-samples", type=_samples, default=d.num_samples, metavar="K",
-                   help="hypotheses per step (default auto: 4 greedy, 8 with --beams)")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, metavar="K",
+                   help=f"hypotheses per step (default {d.num_samples})")
     p.add_argument("--beams", type=int, default=d.num_beams, metavar="K",
                    help="decode every transcript by beam search with K beams (default 1: greedy)")
     p.add_argument("--params", default=d.params, choices=["layernorm", "decoder", "encoder", "all"])
@@ -79,7 +80,7 @@ def _snrs(text: str) -> tuple:
     return tuple(None if t.strip().lower() == "clean" else float(t) for t in text.split(",") if t.strip())
 
 
-def _samples(text: str) -> int | str:
+def _steps(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else int(text)
 
 
@@ -251,7 +252,7 @@ def cmd_transcribe(args) -> int:
                     continue
                 if args.adapt:
                     row.update(before=out.text_before, after=out.text, language=out.language,
-                               steps=0 if out.skipped else cfg.steps)
+                               steps=0 if out.skipped else cfg.step_count)
                     if out.skipped == "confident":
                         row.update(confident=True)
                     if out.guard:

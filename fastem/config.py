@@ -22,16 +22,17 @@ class AdaptConfig:
 
     **What a user sets**
 
-    steps:          optimizer steps on each utterance (10); 0 transcribes without adapting.
+    steps:          optimizer steps on each utterance: "auto" (default) takes 5 with greedy decoding and 10 with
+                    beam search (``num_beams > 1``), the counts chosen on DEV for each (RESULTS.md, "Five steps of
+                    eight samples, two draws per side" and "Eight samples per step with beams"); an integer sets
+                    them; 0 transcribes without adapting.
     stop_when_settled: stop an utterance's steps once its adapted model's greedy transcript has stayed the
                     same over the last N updates (checked at each step by one greedy row decoded beside its
                     samples, before the step scores them); the steps left are not run.  False (default) always
-                    takes ``steps``; True is N = 2, an integer sets N.  Opt in: N = 3 took a third fewer updates
-                    on DEV but was worse on CONFIRM (RESULTS.md "Stopping when the transcript has settled").
+                    takes ``steps``; True is N = 2, an integer sets N.  Opt in: N = 3 took a third fewer of ten
+                    updates on DEV but was worse on CONFIRM (RESULTS.md "Stopping when the transcript has settled").
     lr:             AdamW learning rate (2e-3).
-    num_samples:    K hypotheses drawn per step: "auto" (default) draws 4 with greedy decoding and 8 with beam
-                    search (``num_beams > 1``), the counts chosen on DEV for each (RESULTS.md, "Eight samples per
-                    step with beams"); an integer sets K.
+    num_samples:    K hypotheses drawn per step (8).
     params:         the parameters that adapt: "layernorm" (every LayerNorm, the default),
                     "layernorm:decoder", "layernorm:encoder", "layernorm:topN", "decoder", "encoder",
                     "all", or a callable ``(name, parameter) -> bool`` (:mod:`fastem.params`).
@@ -102,10 +103,10 @@ class AdaptConfig:
     """
 
     # what a user sets
-    steps: int = 10
+    steps: int | str = "auto"
     stop_when_settled: bool | int = False
     lr: float = 2e-3
-    num_samples: int | str = "auto"
+    num_samples: int = 8
     params: Any = "layernorm"
     objective: str = "em"
     num_beams: int = 1
@@ -141,15 +142,14 @@ class AdaptConfig:
         if self.episodic is not True:
             raise ValueError("every fastem.adapt call is episodic (the model is restored afterwards); to keep "
                              "adapting across calls use fastem.Adapter(model, processor).adapt(audio)")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if self.steps != "auto" and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
+            raise ValueError(f"steps must be 'auto' or an integer >= 0, got {self.steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise ValueError(f"num_beams must be an integer >= 1 (1: greedy), got {self.num_beams!r}")
-        if self.num_samples != "auto" and (isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int)
-                                           or self.num_samples < 1):
-            raise ValueError(f"num_samples must be 'auto' or an integer >= 1, got {self.num_samples!r}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
         if not isinstance(self.stop_when_settled, (bool, int)) or self.stop_when_settled < 0:
             raise ValueError(f"stop_when_settled must be False, True or a number of updates >= 1, got "
                              f"{self.stop_when_settled!r}")
@@ -165,7 +165,7 @@ class AdaptConfig:
                              "or objective='entropy')")
         if self.objective == "suta" and self.hypotheses == "sample":
             raise ValueError("objective='suta' adapts on the greedy pseudo-label (hypotheses='greedy' or 'auto')")
-        if self.objective in POLICY_OBJECTIVES and self.baseline == "loo" and self.samples < 2:
+        if self.objective in POLICY_OBJECTIVES and self.baseline == "loo" and self.num_samples < 2:
             raise ValueError("baseline='loo' needs num_samples >= 2 (with one sample it is no baseline): raise "
                              "num_samples or pass baseline='none'")
         check_param_spec(self.params)
@@ -227,12 +227,12 @@ class AdaptConfig:
         return self.hypotheses == "greedy" or (self.hypotheses == "auto" and self.objective in ("entropy", "suta"))
 
     @property
-    def samples(self) -> int:
-        """K, the hypotheses drawn per step: ``num_samples`` resolved ("auto": 4 with greedy decoding, 8 with
+    def step_count(self) -> int:
+        """The optimizer steps on each utterance: ``steps`` resolved ("auto": 5 with greedy decoding, 10 with
         beam search)."""
-        if self.num_samples == "auto":
-            return 8 if self.num_beams > 1 else 4
-        return self.num_samples
+        if self.steps == "auto":
+            return 10 if self.num_beams > 1 else 5
+        return self.steps
 
     @property
     def active_guards(self) -> tuple:

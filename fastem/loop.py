@@ -158,7 +158,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         autocast = step_autocast(cfg.step_precision, model)
         rows = None if sub is None else torch.tensor(sub, device=head.weight.device)
         cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast, rows=rows)  # after before_backward
-        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.samples, greedy=cfg.uses_greedy_hypotheses,
+        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples, greedy=cfg.uses_greedy_hypotheses,
                       temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head, with_greedy=watch is not None, over_rows=sub)
         if watch is not None:

@@ -76,9 +76,9 @@ def test_adapt_with_beams_decodes_both_transcripts_by_beam_search(processor):
             fastem.AdaptConfig(num_beams=bad)
 
 
-def test_samples_per_step_are_four_greedy_and_eight_with_beams_unless_set(processor, monkeypatch):
-    """``num_samples="auto"`` (the default): the loop draws K = 4 hypotheses per step with greedy decoding and
-    K = 8 with beam search; an integer is taken as given; bad values are named."""
+def test_steps_are_five_greedy_and_ten_with_beams_of_eight_samples_unless_set(processor, monkeypatch):
+    """``steps="auto"`` (the default): the loop takes 5 steps with greedy decoding and 10 with beam search, each
+    drawing ``num_samples`` (8) hypotheses; integers are taken as given; bad values are named."""
     import fastem.loop as loop
 
     drawn = []
@@ -91,12 +91,17 @@ def test_samples_per_step_are_four_greedy_and_eight_with_beams_unless_set(proces
     monkeypatch.setattr(loop, "decode", spy)
     model = tiny_whisper(seed=1, eos_strength=3.0)
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
-    kw = dict(processor=processor, language="en", max_new_tokens=6, steps=1, lr=1e-2, min_entropy=0.0, **PLAIN)
-    for extra, k in ((dict(), 4), (dict(num_beams=3), 8), (dict(num_beams=3, num_samples=3), 3)):
+    kw = dict(processor=processor, language="en", max_new_tokens=6, lr=1e-2, min_entropy=0.0, **PLAIN)
+    for extra, k, n in ((dict(), 8, 5), (dict(num_beams=3), 8, 10), (dict(num_beams=3, num_samples=3, steps=2), 3, 2),
+                        (dict(steps=1, num_samples=4), 4, 1)):
         drawn.clear()
-        fastem.adapt(model, audio, **extra, **kw)
-        assert drawn == [k], (extra, drawn)
-    assert fastem.AdaptConfig().samples == 4 and fastem.AdaptConfig(num_beams=5).samples == 8
-    for bad in (0, 2.5, True, "eight"):
+        res = fastem.adapt(model, audio, **extra, **kw)
+        assert drawn == [k] * n and len(res.history) == n, (extra, drawn)
+    assert fastem.AdaptConfig().step_count == 5 and fastem.AdaptConfig(num_beams=5).step_count == 10
+    assert fastem.AdaptConfig(steps=0).step_count == 0 and fastem.AdaptConfig().num_samples == 8
+    for bad in (0, 2.5, True, "eight", "auto"):
         with pytest.raises(ValueError, match="num_samples"):
             fastem.AdaptConfig(num_samples=bad)
+    for bad in (-1, 2.5, True, "ten"):
+        with pytest.raises(ValueError, match="steps"):
+            fastem.AdaptConfig(steps=bad)

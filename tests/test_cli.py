@@ -231,6 +231,10 @@ def test_decoding_options_reach_transcribe_and_adapt(files, fake_model, monkeypa
     assert main(["transcribe", files["good"], "--adapt", "--beams", "4", "--no-speech-threshold", "none"]) == 0
     assert seen[-1].num_beams == 4 and seen[-1].no_speech_threshold is None
     assert seen[-1].stop_when_settled is False and seen[-1].settle_updates == 0
+    assert seen[-1].steps == "auto" and seen[-1].step_count == 10 and seen[-1].num_samples == 8  # 10: with beams
+    for value, steps in (("auto", 5), ("3", 3)):
+        assert main(["transcribe", files["good"], "--adapt", "--steps", value]) == 0
+        assert seen[-1].step_count == steps
     for value, updates in (("off", 0), ("5", 5)):
         assert main(["transcribe", files["good"], "--adapt", "--stop-when-settled", value]) == 0
         assert seen[-1].settle_updates == updates

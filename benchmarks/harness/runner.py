@@ -344,10 +344,10 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
         from fastem import AdaptConfig  # type: ignore
 
         cfg = AdaptConfig(**overrides)
-        # "auto" recorded as what the call uses (the threshold: greedy 2.0, beams off; K: greedy 4, beams 8;
+        # "auto" recorded as what the call uses (the threshold: greedy 2.0, beams off; steps: greedy 5, beams 10;
         # the guards: greedy DEFAULT_GUARDS, beams BEAM_GUARDS),
         # so a row keeps its key whether its setting was written out or left to "auto"
-        d = {**dataclasses.asdict(cfg), "max_seq_logp_drop": cfg.seq_logp_limit, "num_samples": cfg.samples,
+        d = {**dataclasses.asdict(cfg), "max_seq_logp_drop": cfg.seq_logp_limit, "steps": cfg.step_count,
              "guards": cfg.active_guards}
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
         d = dict(overrides)

@@ -364,7 +364,7 @@ def test_resolved_config_fills_defaults_or_falls_back_to_the_raw_dict():
     import fastem
 
     full = resolved_adapt_config({"lr": 1e-3})
-    assert full["lr"] == 1e-3 and full["steps"] == fastem.AdaptConfig().steps and "backend" not in full
+    assert full["lr"] == 1e-3 and full["steps"] == fastem.AdaptConfig().step_count and "backend" not in full
     default = resolved_adapt_config({})
     assert default.keys() == full.keys() and default["lr"] == fastem.AdaptConfig().lr
     assert resolved_adapt_config({"objective": "em", "no_such_key": 1}) == {"objective": "em", "no_such_key": 1}
@@ -412,12 +412,12 @@ def test_a_verifier_switched_off_leaves_the_row_key_alone():
     assert resolved_adapt_config({"num_beams": 5})["num_beams"] == 5
 
 
-def test_auto_samples_are_keyed_as_the_k_the_call_draws():
-    """``num_samples="auto"`` is keyed as the K it resolves to, so rows of a written-out K stay valid."""
-    assert resolved_adapt_config({})["num_samples"] == 4
-    assert resolved_adapt_config({}) == resolved_adapt_config({"num_samples": 4})
-    assert resolved_adapt_config({"num_beams": 5}) == resolved_adapt_config({"num_beams": 5, "num_samples": 8})
-    assert resolved_adapt_config({"num_beams": 5}) != resolved_adapt_config({"num_beams": 5, "num_samples": 4})
+def test_auto_steps_are_keyed_as_the_steps_the_call_takes():
+    """``steps="auto"`` is keyed as the steps it resolves to, so rows of written-out steps stay valid."""
+    assert resolved_adapt_config({})["steps"] == 5 and resolved_adapt_config({})["num_samples"] == 8
+    assert resolved_adapt_config({}) == resolved_adapt_config({"steps": 5, "num_samples": 8})
+    assert resolved_adapt_config({"num_beams": 5}) == resolved_adapt_config({"num_beams": 5, "steps": 10})
+    assert resolved_adapt_config({"num_beams": 5}) != resolved_adapt_config({"num_beams": 5, "steps": 5})
 
 
 def test_changing_a_definition_reruns_only_that_method(synth, tmp_path):
