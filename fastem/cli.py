@@ -27,13 +27,13 @@ def _settle(text: str):
     return value
 
 
-def _add_method_args(p: argparse.ArgumentParser, default_steps: int | str) -> None:
+def _add_method_args(p: argparse.ArgumentParser) -> None:
     d = AdaptConfig()
     p.add_argument("--model", default="base", help="tiny.en, base (bundled), a hub id or a local checkpoint dir")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--language", default=None, help="language code (default: detected; English for .en models)")
-    p.add_argument("--steps", type=_steps, default=default_steps,
-                   help=f"adaptation steps (default {default_steps}: 5 greedy, 10 with --beams)")
+    p.add_argument("--steps", type=_steps, default=d.steps,
+                   help=f"adaptation steps (default {d.steps}: 5 greedy, 10 with --beams)")
     p.add_argument("--stop-when-settled", type=_settle, default=False, metavar="N",
                    help="stop a clip's steps once N updates in a row left its greedy transcript unchanged "
                         "(default off: always --steps)")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adapt", action="store_true", help="adapt on each file (episodic) before transcribing")
     t.add_argument("--batch-size", type=int, default=1, metavar="N",
                    help="adapt (or transcribe) N files at once in one batched loop (default 1)")
-    _add_method_args(t, default_steps=AdaptConfig().steps)
+    _add_method_args(t)
     t.add_argument("--reference", action="append", default=None,
                    help="reference transcript (once per file, in order) to print WER")
     t.add_argument("--manifest", default=None,
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="one JSON object per file instead of text")
 
     d = sub.add_parser("demo", help="adapt on a bundled real clip with real noise added; print WER before/after")
-    _add_method_args(d, default_steps=AdaptConfig().steps)
+    _add_method_args(d)
     d.add_argument("--snr", type=_snrs, default=(None, 5.0, -3.0), metavar="LIST",
                    help="conditions: comma-separated SNRs in dB of the added real noise, 'clean' for none "
                         "(default clean,5,-3)")
