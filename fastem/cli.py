@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import AdaptConfig
 from .judge import BEAM_GUARDS, DEFAULT_GUARDS, GUARDS, VOTED
 from .objective import OBJECTIVES
+from .params import PARAM_SETS, check_param_spec
 
 __all__ = ["main", "build_parser"]
 
@@ -43,7 +44,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"hypotheses per step (default {d.num_samples})")
     p.add_argument("--beams", type=int, default=d.num_beams, metavar="K",
                    help="decode every transcript by beam search with K beams (default 1: greedy)")
-    p.add_argument("--params", default=d.params, choices=["layernorm", "decoder", "encoder", "all"])
+    p.add_argument("--params", type=_params, default=d.params, metavar="SET",
+                   help=f"the parameters that adapt (default {d.params}; one of {', '.join(PARAM_SETS)}, "
+                        "N a number of top encoder layers)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--min-entropy", type=float, default=d.min_entropy, metavar="NATS",
                    help="do not adapt on a clip whose unadapted transcript has a mean token entropy below this "
@@ -82,6 +85,14 @@ def _snrs(text: str) -> tuple:
 
 def _steps(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else int(text)
+
+
+def _params(text: str) -> str:
+    try:
+        check_param_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _seq_drop(text: str) -> float | str | None:

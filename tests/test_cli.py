@@ -241,6 +241,11 @@ def test_decoding_options_reach_transcribe_and_adapt(files, fake_model, monkeypa
     for bad in ("0", "soon", "auto"):
         with pytest.raises(SystemExit):
             main(["transcribe", files["good"], "--adapt", "--stop-when-settled", bad])
+    for value in ("layernorm:encoder", "layernorm:top2", "all"):  # every set the library takes, not a subset
+        assert main(["transcribe", files["good"], "--adapt", "--params", value]) == 0
+        assert seen[-1].params == value
+    with pytest.raises(SystemExit):
+        main(["transcribe", files["good"], "--adapt", "--params", "layernorm:top"])
     assert main(["transcribe", files["good"]]) == 0
     assert fake_model["rules"][-1] == {"compression_ratio_threshold": 2.4, "logprob_threshold": -1.0,
                                        "no_speech_threshold": 0.6, "num_beams": 1}
