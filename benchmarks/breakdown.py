@@ -10,7 +10,9 @@ for noise):
 * each guard, judged on its own (every guard of the row's settings, not only the first that fired): how
   many changed transcripts it rejects, its precision (rejected that were really worse) and recall (worse
   ones it rejects), and the gains it throws away (rejected that were better);
-* the result returned, against the unadapted transcript.
+* the result returned, against the unadapted transcript;
+* what the adaptation changed: on the changed transcripts made worse and on those made better, the word
+  substitutions, deletions and insertions against the reference, adapted minus unadapted (rows with ``ref``).
 A guard's verdict is the row's own (``verdicts``) where the row has it, else re-decided with
 ``fastem.judge`` from the row's scores and token ids (exactly what the library decides).
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fastem.text import word_edits  # noqa: E402
 from harness.report import condition  # noqa: E402
 
 
@@ -107,7 +110,28 @@ def breakdown(rows: list[dict], method: str) -> str:
         b = sum(r["errors_adapted"] < r["errors_before"] for r in f)
         out.append(f"| {name} | {len(f)} | {w} ({_pct(w, len(f))}) | {w} of {len(worse_all)} ({_pct(w, len(worse_all))}) | "
                    f"{b} ({_pct(b, len(f))}) |")
+    out += edit_table(changed)
     return "\n".join(out)
+
+
+def edit_table(changed: list[dict]) -> list[str]:
+    """Substitutions, deletions and insertions added by the adaptation (adapted minus unadapted, against the
+    reference) on the changed transcripts made worse and on those made better."""
+    rows = [r for r in changed if r.get("ref") is not None]
+    if not rows:
+        return []
+    out = ["", "What the adaptation changed, word edits against the reference, adapted minus unadapted:", "",
+           "| changed transcripts | n | substitutions | deletions | insertions |", "|---|---:|---:|---:|---:|"]
+    for name, keep in (("made worse", lambda r: r["errors_adapted"] > r["errors_before"]),
+                       ("made better", lambda r: r["errors_adapted"] < r["errors_before"])):
+        group = [r for r in rows if keep(r)]
+        delta = [0, 0, 0]
+        for r in group:
+            lang = r.get("language") or "en"
+            after, before = word_edits(r["ref"], r["hyp_adapted"], lang), word_edits(r["ref"], r["text_before"], lang)
+            delta = [d + a - b for d, a, b in zip(delta, after, before)]
+        out.append(f"| {name} | {len(group)} | {delta[0]:+d} | {delta[1]:+d} | {delta[2]:+d} |")
+    return out
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ from typing import Sequence
 import jiwer
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
-__all__ = ["english_spelling_mapping", "normalize", "word_errors", "wer"]
+__all__ = ["english_spelling_mapping", "normalize", "word_edits", "word_errors", "wer"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def normalize(text: str, language: str = "en") -> str:
     return " ".join(normalizer(text).split())
 
 
-def word_errors(ref: str, hyp: str, language: str = "en") -> tuple[int, int]:
-    """``(substitutions + deletions + insertions, reference word count)`` after normalisation.
+def word_edits(ref: str, hyp: str, language: str = "en") -> tuple[int, int, int]:
+    """``(substitutions, deletions, insertions)`` turning ``ref`` into ``hyp`` after normalisation.
 
     An empty reference makes every hypothesis word an insertion; an empty hypothesis makes every
     reference word a deletion.
@@ -98,9 +98,15 @@ def word_errors(ref: str, hyp: str, language: str = "en") -> tuple[int, int]:
     ref_words = normalize(ref, language).split()
     hyp_words = normalize(hyp, language).split()
     if not ref_words or not hyp_words:
-        return len(ref_words) + len(hyp_words), len(ref_words)
+        return 0, len(ref_words), len(hyp_words)
     out = jiwer.process_words(" ".join(ref_words), " ".join(hyp_words))
-    return out.substitutions + out.deletions + out.insertions, len(ref_words)
+    return out.substitutions, out.deletions, out.insertions
+
+
+def word_errors(ref: str, hyp: str, language: str = "en") -> tuple[int, int]:
+    """``(substitutions + deletions + insertions, reference word count)`` after normalisation
+    (:func:`word_edits`)."""
+    return sum(word_edits(ref, hyp, language)), len(normalize(ref, language).split())
 
 
 def wer(references: str | Sequence[str], hypotheses: str | Sequence[str], language: str = "en") -> float:

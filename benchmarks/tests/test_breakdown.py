@@ -37,3 +37,16 @@ def test_guard_names_are_the_rows_own_unless_written_before_guards_named_every_g
     assert breakdown.guard_names({"adapt": adapt, "verdicts": {}}) == ("empty", "consensus", "verifier")
     legacy = {"guards": "('empty', 'consensus')", "max_seq_logp_drop": 2.0, "verifier": "auto"}
     assert breakdown.guard_names({"adapt": legacy}) == ("empty", "consensus", "likelihood", "verifier")
+
+
+def test_edit_table_counts_what_the_adaptation_added():
+    """A substitution added on a worse row and an insertion removed on a better one, against the reference."""
+    worse = {**_row("czech", 0, 1, 0), "ref": "red blue green", "text_before": "red blue green",
+             "hyp_adapted": "red blew green", "language": "en"}
+    better = {**_row("czech", 1, 0, 0), "ref": "red blue green", "text_before": "red blue blue green",
+              "hyp_adapted": "red blue green", "language": "en"}
+    lines = {line.split("|")[1].strip(): line.replace(" ", "") for line in breakdown.breakdown([worse, better], "fastem")
+             .splitlines() if line.startswith("| made")}
+    assert lines["made worse"] == "|madeworse|1|+1|+0|+0|"
+    assert lines["made better"] == "|madebetter|1|+0|+0|-1|"
+    assert breakdown.edit_table([_row("czech", 0, 1, 0)]) == []  # rows without a reference: no table
