@@ -89,24 +89,28 @@ def normalize(text: str, language: str = "en") -> str:
     return " ".join(normalizer(text).split())
 
 
-def word_edits(ref: str, hyp: str, language: str = "en") -> tuple[int, int, int]:
-    """``(substitutions, deletions, insertions)`` turning ``ref`` into ``hyp`` after normalisation.
-
-    An empty reference makes every hypothesis word an insertion; an empty hypothesis makes every
-    reference word a deletion.
-    """
-    ref_words = normalize(ref, language).split()
-    hyp_words = normalize(hyp, language).split()
+def _edits(ref_words: list[str], hyp_words: list[str]) -> tuple[int, int, int]:
+    """``(substitutions, deletions, insertions)`` between two normalised word lists."""
     if not ref_words or not hyp_words:
         return 0, len(ref_words), len(hyp_words)
     out = jiwer.process_words(" ".join(ref_words), " ".join(hyp_words))
     return out.substitutions, out.deletions, out.insertions
 
 
+def word_edits(ref: str, hyp: str, language: str = "en") -> tuple[int, int, int]:
+    """``(substitutions, deletions, insertions)`` turning ``ref`` into ``hyp`` after normalisation.
+
+    An empty reference makes every hypothesis word an insertion; an empty hypothesis makes every
+    reference word a deletion.
+    """
+    return _edits(normalize(ref, language).split(), normalize(hyp, language).split())
+
+
 def word_errors(ref: str, hyp: str, language: str = "en") -> tuple[int, int]:
     """``(substitutions + deletions + insertions, reference word count)`` after normalisation
     (:func:`word_edits`)."""
-    return sum(word_edits(ref, hyp, language)), len(normalize(ref, language).split())
+    ref_words = normalize(ref, language).split()
+    return sum(_edits(ref_words, normalize(hyp, language).split())), len(ref_words)
 
 
 def wer(references: str | Sequence[str], hypotheses: str | Sequence[str], language: str = "en") -> float:
