@@ -28,7 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fastem.text import word_edits  # noqa: E402
 from harness.report import condition  # noqa: E402
 
 
@@ -120,6 +119,8 @@ def edit_table(changed: list[dict]) -> list[str]:
     rows = [r for r in changed if r.get("ref") is not None]
     if not rows:
         return []
+    from fastem.text import word_edits
+
     out = ["", "What the adaptation changed, word edits against the reference, adapted minus unadapted:", "",
            "| changed transcripts | n | substitutions | deletions | insertions |", "|---|---:|---:|---:|---:|"]
     for name, keep in (("made worse", lambda r: r["errors_adapted"] > r["errors_before"]),
