@@ -45,7 +45,7 @@ def check_param_spec(which: ParamSpec) -> None:
     if callable(which):
         return
     if isinstance(which, str):
-        if which in ("layernorm", "layernorm:decoder", "layernorm:encoder", "decoder", "encoder", "all"):
+        if which in PARAM_SETS and which != "layernorm:topN":
             return
         if which.startswith("layernorm:top") and which[len("layernorm:top"):].isdigit():
             return
