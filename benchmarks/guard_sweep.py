@@ -13,6 +13,8 @@
         --verifier-drops 0,0.1,0.2,0.3 --seq-drops 0,1,2,3,4,5 --grid      # the two guards added last, together
     python benchmarks/guard_sweep.py benchmarks/results/dev_base_rows.jsonl --method fastem \
         --verifier-drops 0,0.05,0.1,0.2,0.3,0.5 --seq-drops 0,0.5,1,2,3,5 --lodo   # how far choosing them fits DEV
+    python benchmarks/guard_sweep.py benchmarks/results/dev_base_t07_seeds_rows.jsonl --method fastem_t07+fastem_t07_s1 \
+        --gates 1.0,1.2,1.4,1.6,2.0 --lodo --max-worse 0.05 --drops none --ratios none   # the gate, two draws pooled
 
 The "off" rows are the decisions the rows were written with (every default but the likelihood and the
 verifier guard, which are swept here).
@@ -219,7 +221,7 @@ def leave_one_domain_out(rows: list[dict], base: list[tuple[int, int]], settings
 def lodo_markdown(res: dict, default: str) -> str:
     m0 = res["macro0"]
     bound = "no bound on harm" if res["max_worse"] is None else f"at most {res['max_worse']:.0%} of utterances worse"
-    lines = [f"| choice of the guard thresholds (rule: lowest macro WER, {bound}) | macro WER | vs unadapted | "
+    lines = [f"| choice of the setting (rule: lowest macro WER, {bound}) | macro WER | vs unadapted | "
              "% worse |", "|---|---:|---:|---:|",
              f"| unadapted | {m0:.2%} | | |",
              f"| the default ({default}) | {res['default']:.2%} | {res['default'] / m0 - 1:+.1%} | "
@@ -249,10 +251,14 @@ def tradeoff(rows: list[dict], base: list[tuple[int, int]], drops: list[float]) 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="+")
-    ap.add_argument("--method", required=True, help="rows whose 'method' (bench) or 'mode' (stream) is this")
+    ap.add_argument("--method", required=True,
+                    help="rows whose 'method' (bench) or 'mode' (stream) is this; A+B: the rows of several methods "
+                         "together (for example one recipe's two draws of the sampler: a domain holds both draws' "
+                         "utterances, a share of utterances worse counts utterance-draws)")
     ap.add_argument("--drops", default="none,0.5,1.0,1.5,2.0,3.0")
     ap.add_argument("--ratios", default="none,1.5,2.0")
-    ap.add_argument("--gates", default="", help="min_entropy values to sweep (with the default guards)")
+    ap.add_argument("--gates", default="", help="min_entropy values to sweep (with the default guards); with --lodo: "
+                                                "the gate chosen on all domains but one, judged on that one")
     ap.add_argument("--consensus", default="", metavar="MARGINS",
                     help="margins of the consensus rule to sweep (with the default guards and gate), e.g. -0.1,0,0.1")
     ap.add_argument("--tradeoff", default="", metavar="DROPS",
@@ -268,8 +274,8 @@ def main(argv=None) -> int:
                     help="with --verifier-drops and --seq-drops: every pair of the two thresholds (the library's "
                          "default is the pair 0.1, 2)")
     ap.add_argument("--lodo", action="store_true",
-                    help="with --verifier-drops and --seq-drops: choose the pair on all domains but one, judge it on "
-                         "that one, for each domain (leave one domain out)")
+                    help="with --verifier-drops and --seq-drops (or --gates): choose the pair (the gate) on all domains "
+                         "but one, judge it on that one, for each domain (leave one domain out)")
     ap.add_argument("--max-worse", type=float, default=None, metavar="SHARE",
                     help="with --lodo: the rule chooses among the settings that leave at most this share of utterances "
                          "worse (e.g. 0.05)")
@@ -278,7 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save", default=None, help="with --backfill: write the completed rows here")
     args = ap.parse_args(argv)
     raw = [json.loads(line) for f in args.rows for line in open(f) if line.strip()]
-    raw = [r for r in raw if args.method in (r.get("method"), r.get("mode"))
+    methods = set(args.method.split("+"))
+    raw = [r for r in raw if ({r.get("method"), r.get("mode")} & methods)
            and r.get("hyp_adapted", r.get("text_adapted")) is not None]
     if not raw:
         print(f"no rows of method {args.method!r} with an adapted transcript", file=sys.stderr)
@@ -318,12 +325,22 @@ def main(argv=None) -> int:
             return 1
         print("\n| min_entropy | adapted | errors | rel. change | macro WER | rel. macro | worse / better |\n"
               "|---:|---:|---:|---:|---:|---:|---:|")
+        def gated(gate):  # every guard of the library's default but likelihood, which is not one of them
+            return lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, gate, consensus=0.0,
+                                    verifier_drop=lib.max_verifier_drop)
+
         for g in args.gates.split(","):
             gate = float(g)
-            ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, gate))
+            ev = evaluate(rows, base, gated(gate))
             share = sum(r["scores"]["entropy_before"] >= gate for r in rows) / len(rows)
             print(f"| {gate:g} | {share:.0%} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} |")
+        if args.lodo:
+            settings = {f"gate {float(g):g}": gated(float(g)) for g in args.gates.split(",")}
+            default = f"gate {lib.min_entropy:g}"
+            if default not in settings:
+                ap.error(f"--lodo: the gates must hold the default ({lib.min_entropy:g})")
+            print("\n" + lodo_markdown(leave_one_domain_out(rows, base, settings, default, args.max_worse), default))
     if args.consensus:
         scored = sum("adapted_after" in r["scores"] for r in rows)
         print(f"\n{scored} of {len(rows)} rows have the adapted model's scores (the others keep their decision)")

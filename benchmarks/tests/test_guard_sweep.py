@@ -150,3 +150,34 @@ def test_leave_one_domain_out_judges_each_domain_on_a_choice_made_without_it():
     assert strict["best"] == "take"
     text = sweep.lodo_markdown(res, "keep")
     assert "leave one domain out" in text and "| c | take | 50.00% | 0.00% | 0.00% | 0.00% |" in text
+
+
+def test_gates_through_lodo_pool_the_methods_named_with_plus(tmp_path, capsys):
+    """``--method A+B --gates ... --lodo``: both draws' rows judged together, each gate with the library's default
+    guards, and the gate chosen without the domain it is judged on."""
+    import json
+
+    def raw(method, domain, ref, entropy):
+        # the adapted transcript fixes "c" -> "d" where the reference says "d"; every guard passes (the source and
+        # the adapted model prefer the adapted transcript, no verifier scores)
+        return {"method": method, "ref": ref, "text_before": "a b c", "hyp_adapted": "a b d", "audio_seconds": 3.0,
+                "domain": domain, "language": "en", "tokens_before": [1, 2, 3], "tokens_adapted": [1, 2, 4],
+                "scores": {"entropy_before": entropy, "source_before": -0.5, "source_after": -0.4,
+                           "adapted_before": -1.0, "adapted_after": 0.0}}
+
+    # domain g: an uncertain utterance the adaptation mends; domain h: a surer one it harms (entropy 1.2),
+    # in both draws; a third method that --method does not name
+    rows = [raw(m, "g", "a b d", 2.0) for m in ("m", "m_s1")] + [raw(m, "h", "a b c", 1.2) for m in ("m", "m_s1")]
+    rows.append(raw("other", "g", "a b d", 2.0))
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sweep.main([str(path), "--method", "m+m_s1", "--drops", "none", "--ratios", "none",
+                       "--gates", "1.0,1.5", "--lodo"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 rows of m+m_s1")
+    gates = {line.split("|")[1].strip(): line.split("|")[7].strip() for line in out.splitlines()
+             if line.startswith("| 1 |") or line.startswith("| 1.5 |")}
+    assert gates == {"1": "2 / 2", "1.5": "0 / 2"}  # the harm in h (two draws) goes at 1.5, the gains stay
+    assert "| the default (gate 1) |" in out
+    # held out, g is judged under the gate chosen on h alone (1.5: no harm there) and h under g's (tie: the first)
+    assert "| g | gate 1.5 |" in out and "| h | gate 1 |" in out
