@@ -10,7 +10,10 @@ library's guards (:func:`guard_sweep.decide`, through :mod:`fastem.judge`) retur
 thresholds with the ``--set`` ones changed, re-scored against the reference.  The rows keep every guard's
 evidence (``hyp_adapted``, ``scores``, token ids), so this is what the library would have returned had the
 call used those thresholds; the adaptation itself is the same.  ``--set`` keys: ``max_seq_logp_drop``
-(``off``: the likelihood guard abstains), ``max_verifier_drop``, ``max_logp_drop``, ``max_length_ratio``.
+(``off``: the likelihood guard abstains), ``max_verifier_drop``, ``max_logp_drop``, ``max_length_ratio``, and
+``min_entropy`` (the gate: an utterance whose unadapted transcript's mean entropy is below it returns that
+transcript; exact when raised, since the gate decides before adapting and each utterance adapts alone; it cannot
+be lowered below the run's own, whose gated utterances were never adapted).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from breakdown import guard_names  # noqa: E402
 from guard_sweep import decide, normalized  # noqa: E402
 from harness.report import score  # noqa: E402
 
-KEYS = ("max_seq_logp_drop", "max_verifier_drop", "max_logp_drop", "max_length_ratio")
+KEYS = ("max_seq_logp_drop", "max_verifier_drop", "max_logp_drop", "max_length_ratio", "min_entropy")
 
 
 def thresholds(row: dict, changes: dict[str, float | None]) -> dict[str, float | None]:
@@ -35,13 +38,18 @@ def thresholds(row: dict, changes: dict[str, float | None]) -> dict[str, float |
     own = {"max_logp_drop": adapt.get("max_logp_drop") if "confidence" in names else None,
            "max_length_ratio": adapt.get("max_length_ratio") if "length" in names else None,
            "max_verifier_drop": adapt.get("max_verifier_drop") if "verifier" in names else None,
-           "max_seq_logp_drop": adapt.get("max_seq_logp_drop") if "likelihood" in names else None}
+           "max_seq_logp_drop": adapt.get("max_seq_logp_drop") if "likelihood" in names else None,
+           "min_entropy": adapt.get("min_entropy") or 0.0}
+    gate = changes.get("min_entropy", own["min_entropy"])
+    if gate is None or gate < own["min_entropy"]:
+        raise ValueError(f"min_entropy={gate}: the run gated below {own['min_entropy']:g} and never adapted those "
+                         "utterances; the gate can only be raised offline")
     return {**own, **changes}
 
 
 def redecide(row: dict, name: str, changes: dict[str, float | None]) -> dict:
     t = thresholds(row, changes)
-    hyp = decide(normalized(row), t["max_logp_drop"], t["max_length_ratio"], 0.0,
+    hyp = decide(normalized(row), t["max_logp_drop"], t["max_length_ratio"], t["min_entropy"],
                  consensus=0.0 if "consensus" in guard_names(row) else None, verifier_drop=t["max_verifier_drop"],
                  seq_drop=t["max_seq_logp_drop"])
     return {**row, "method": name, "hyp": hyp, "errors": score(row["ref"], hyp, row["language"])[0],

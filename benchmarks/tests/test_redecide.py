@@ -43,3 +43,19 @@ def test_own_thresholds_reproduce_and_likelihood_off_moves_only_its_rejections(t
     assert off[0]["redecided"]["max_seq_logp_drop"] is None and len(got) == 4  # the input rows come first
     with pytest.raises(argparse.ArgumentTypeError):
         redecide.parse_set("steps=3")
+
+
+def test_a_raised_gate_returns_the_unadapted_transcript_below_it_and_cannot_be_lowered(tmp_path):
+    rows = [_row("u1", "a b c e", -0.6, "a b c e"), _row("u2", "a b c e", -0.6, "a b c e")]
+    rows[1]["scores"]["entropy_before"] = 1.2  # adapted by a run gated at 1.0, not at 1.4
+    for r in rows:
+        r["adapt"] = {**ADAPT, "min_entropy": 1.0}
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert redecide.main([str(src), "--method", "m", "--as", "g14", "--set", "min_entropy=1.4", "--out", str(out)]) == 0
+    g = [json.loads(line) for line in open(out) if json.loads(line)["method"] == "g14"]
+    assert [r["hyp"] for r in g] == ["a b c e", "a b c d"] and [r["errors"] for r in g] == [0, 1]
+    assert g[1]["changed"] is False and g[0]["redecided"]["min_entropy"] == 1.4
+    with pytest.raises(ValueError, match="only be raised"):
+        redecide.main([str(src), "--method", "m", "--as", "g0", "--set", "min_entropy=0.5", "--out", str(out)])
