@@ -51,7 +51,7 @@ class AdaptConfig:
     **The judge** (:mod:`fastem.judge`): which utterances adapt and which adapted transcripts are kept
 
     min_entropy:    the gate: an utterance whose greedy transcript has a mean next-token entropy below
-                    this (nats, 1.0) is not adapted (``result.skipped == "confident"``); 0 adapts all.
+                    this (nats, 1.4) is not adapted (``result.skipped == "confident"``); 0 adapts all.
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
                     one fires the unadapted transcript is returned; ``()``: none.  "auto" (default): with greedy
                     decoding every one but "likelihood" and "agreement" (:data:`fastem.judge.DEFAULT_GUARDS`); with
@@ -85,7 +85,9 @@ class AdaptConfig:
     baseline:       "loo" (unbiased leave-one-out, default), "mean" or "none".
     hypotheses:     "sample" (K samples), "greedy" (the greedy pseudo-label) or "auto": greedy for
                     "entropy" and "suta", samples otherwise.
-    temperature:    divides the logits when sampling and scoring (1.0; for "suta" its entropy temperature).
+    temperature:    divides the logits when sampling and scoring (0.7: the samples stay nearer the mode and the
+                    entropy weighs the positions where the model is really unsure; for "suta" its entropy
+                    temperature, 2.5 in SUTA's paper).
     reduction:      "sum" over tokens (the exact scale) or "mean" per token.
     em_coef:        "suta" only: weight of the entropy term against minimum class confusion (0.5).
     optimizer:      "adam" (AdamW) or "sgd".
@@ -115,7 +117,7 @@ class AdaptConfig:
     seed: int = 0
     episodic: bool = True
     # the judge
-    min_entropy: float = 1.0
+    min_entropy: float = 1.4
     guards: tuple | str = "auto"
     max_logp_drop: float = 1.5
     max_seq_logp_drop: float | str = "auto"
@@ -129,7 +131,7 @@ class AdaptConfig:
     # research ablations
     baseline: str = "loo"
     hypotheses: str = "auto"
-    temperature: float = 1.0
+    temperature: float = 0.7
     reduction: str = "sum"
     em_coef: float = 0.5
     optimizer: str = "adam"

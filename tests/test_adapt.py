@@ -389,11 +389,12 @@ def test_one_sgd_step_moves_the_weights_by_minus_lr_times_the_gradient(model, pr
         enc = ref.encode(model, feats)
         prompt = ref.build_prompt(model, enc, "en")
         greedy = objective == "entropy"
+        temperature = fastem.AdaptConfig().temperature  # the library's default, which the call above used
         hyps = ref.decode(model, enc, prompt, num_samples=k, greedy=greedy, max_new_tokens=8,
-                          generator=torch.Generator().manual_seed(11))
+                          generator=torch.Generator().manual_seed(11), temperature=temperature)
     for _, p in params:
         p.requires_grad_(True)
-    entropy, logp, mask = ref.score(model, enc, prompt, hyps)
+    entropy, logp, mask = ref.score(model, enc, prompt, hyps, temperature=temperature)
     rows = entropy.shape[0]
     h = [[float(entropy[i, t].detach()) for t in range(int(mask[i].sum()))] for i in range(rows)]
     loss = 0.0

@@ -165,19 +165,23 @@ def test_gates_through_lodo_pool_the_methods_named_with_plus(tmp_path, capsys):
                 "scores": {"entropy_before": entropy, "source_before": -0.5, "source_after": -0.4,
                            "adapted_before": -1.0, "adapted_after": 0.0}}
 
-    # domain g: an uncertain utterance the adaptation mends; domain h: a surer one it harms (entropy 1.2),
-    # in both draws; a third method that --method does not name
-    rows = [raw(m, "g", "a b d", 2.0) for m in ("m", "m_s1")] + [raw(m, "h", "a b c", 1.2) for m in ("m", "m_s1")]
-    rows.append(raw("other", "g", "a b d", 2.0))
+    # domain g: an uncertain utterance the adaptation mends; domain h: a surer one it harms (just under the
+    # library's gate), in both draws; a third method that --method does not name
+    gate = sweep.AdaptConfig().min_entropy
+    low = round(gate - 0.2, 3)
+    rows = [raw(m, "g", "a b d", gate + 1) for m in ("m", "m_s1")] + [raw(m, "h", "a b c", gate - 0.1)
+                                                                      for m in ("m", "m_s1")]
+    rows.append(raw("other", "g", "a b d", gate + 1))
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert sweep.main([str(path), "--method", "m+m_s1", "--drops", "none", "--ratios", "none",
-                       "--gates", "1.0,1.5", "--lodo"]) == 0
+                       "--gates", f"{low:g},{gate:g}", "--lodo"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("4 rows of m+m_s1")
     gates = {line.split("|")[1].strip(): line.split("|")[7].strip() for line in out.splitlines()
-             if line.startswith("| 1 |") or line.startswith("| 1.5 |")}
-    assert gates == {"1": "2 / 2", "1.5": "0 / 2"}  # the harm in h (two draws) goes at 1.5, the gains stay
-    assert "| the default (gate 1) |" in out
-    # held out, g is judged under the gate chosen on h alone (1.5: no harm there) and h under g's (tie: the first)
-    assert "| g | gate 1.5 |" in out and "| h | gate 1 |" in out
+             if line.startswith(f"| {low:g} |") or line.startswith(f"| {gate:g} |")}
+    assert gates == {f"{low:g}": "2 / 2", f"{gate:g}": "0 / 2"}  # the harm in h (two draws) is gated, the gains stay
+    assert f"| the default (gate {gate:g}) |" in out
+    # held out, g is judged under the gate chosen on h alone (the library's: no harm there) and h under g's
+    # (a tie there: the first)
+    assert f"| g | gate {gate:g} |" in out and f"| h | gate {low:g} |" in out
