@@ -243,7 +243,7 @@ def tradeoff(rows: list[dict], base: list[tuple[int, int]], drops: list[float]) 
     ``max_logp_drop`` at each of ``drops`` (0: the source model must not find the adapted transcript any less
     likely than its own greedy one)."""
     lib = AdaptConfig()
-    return [{"drop": drop, **evaluate(rows, base, lambda r: decide(r, drop, lib.max_length_ratio, lib.min_entropy,
+    return [{"drop": drop, **evaluate(rows, base, lambda r: decide(r, drop, lib.max_length_ratio, lib.gate_entropy,
                                                                    consensus=0.0))}
             for drop in drops]
 
@@ -337,9 +337,9 @@ def main(argv=None) -> int:
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} |")
         if args.lodo:
             settings = {f"gate {float(g):g}": gated(float(g)) for g in args.gates.split(",")}
-            default = f"gate {lib.min_entropy:g}"
+            default = f"gate {lib.gate_entropy:g}"
             if default not in settings:
-                ap.error(f"--lodo: the gates must hold the default ({lib.min_entropy:g})")
+                ap.error(f"--lodo: the gates must hold the default ({lib.gate_entropy:g})")
             print("\n" + lodo_markdown(leave_one_domain_out(rows, base, settings, default, args.max_worse), default))
     if args.consensus:
         scored = sum("adapted_after" in r["scores"] for r in rows)
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
               "|---:|---:|---:|---:|---:|---:|---:|")
         for m in ["off"] + args.consensus.split(","):
             margin = None if m == "off" else float(m)
-            ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.min_entropy,
+            ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.gate_entropy,
                                                       consensus=margin))
             print(f"| {m} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | {ev['kept']} |")
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
         for d in ["off"] + values.split(","):
             value = None if d == "off" else float(d)
             print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
-                                                                lib.min_entropy, consensus=0.0, **{key: value}))))
+                                                                lib.gate_entropy, consensus=0.0, **{key: value}))))
 
     if args.verifier_drops:
         sweep("max_verifier_drop", args.verifier_drops, "verifier_drop",
@@ -381,12 +381,12 @@ def main(argv=None) -> int:
         for v in ["off"] + args.verifier_drops.split(","):
             for q in ["off"] + args.seq_drops.split(","):
                 vd, sd = (None if v == "off" else float(v)), (None if q == "off" else float(q))
-                ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.min_entropy,
+                ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.gate_entropy,
                                                            consensus=0.0, verifier_drop=vd, seq_drop=sd))
                 print(line(f"{v} | {q}", ev))
     if args.lodo and args.verifier_drops and args.seq_drops:
         def setting(vd, sd):
-            return lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.min_entropy, consensus=0.0,
+            return lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.gate_entropy, consensus=0.0,
                                     verifier_drop=vd, seq_drop=sd)
 
         settings = {f"verifier {v}, likelihood {q}": setting(None if v == "off" else float(v),

@@ -203,7 +203,7 @@ def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | 
         elif t.silence:
             skipped.append("no_speech")
         else:
-            skipped.append(_judge.gate(t.entropy, t.fallback, call.cfg.min_entropy))
+            skipped.append(_judge.gate(t.entropy, t.fallback, call.cfg.gate_entropy))
     active = [b for b in range(len(before)) if call.cfg.step_count and skipped[b] is None]
     if active and len(active) < len(before):  # several episodic utterances, some not adapted: adapt the others
         call.binding = Binding(call.model, call.binding.named, len(active))

@@ -48,9 +48,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"the parameters that adapt (default {d.params}; one of {', '.join(PARAM_SETS)}, "
                         "N a number of top encoder layers)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--min-entropy", type=float, default=d.min_entropy, metavar="NATS",
+    p.add_argument("--min-entropy", type=float, default=None, metavar="NATS",
                    help="do not adapt on a clip whose unadapted transcript has a mean token entropy below this "
-                        f"(default {d.min_entropy:g}; 0 adapts every clip)")
+                        f"(default {AdaptConfig().gate_entropy:g}, {AdaptConfig(num_beams=2).gate_entropy:g} with "
+                        "--beams; 0 adapts every clip)")
     p.add_argument("--max-logp-drop", type=float, default=d.max_logp_drop, metavar="NATS",
                    help="the confidence guard: keep the unadapted transcript when the unadapted model finds the "
                         f"adapted one more than NATS per token less likely than its own (default {d.max_logp_drop:g}; "
@@ -178,7 +179,7 @@ def _config(args) -> AdaptConfig:
     d = AdaptConfig()
     return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr,
                        num_samples=args.num_samples,
-                       params=args.params, seed=args.seed, min_entropy=args.min_entropy,
+                       params=args.params, seed=args.seed, min_entropy="auto" if args.min_entropy is None else args.min_entropy,
                        guards=asked, max_logp_drop=args.max_logp_drop,
                        max_seq_logp_drop=d.max_seq_logp_drop if args.max_seq_logp_drop is None else args.max_seq_logp_drop,
                        verifier=args.verifier, max_verifier_drop=args.max_verifier_drop, **_decode_rules(args))

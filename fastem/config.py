@@ -50,8 +50,10 @@ class AdaptConfig:
 
     **The judge** (:mod:`fastem.judge`): which utterances adapt and which adapted transcripts are kept
 
-    min_entropy:    the gate: an utterance whose greedy transcript has a mean next-token entropy below
-                    this (nats, 1.4) is not adapted (``result.skipped == "confident"``); 0 adapts all.
+    min_entropy:    the gate: an utterance whose unadapted transcript has a mean next-token entropy below
+                    this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all.  "auto"
+                    (default): 1.4 with greedy decoding (chosen on DEV with the temperature below, leaving one
+                    domain out: RESULTS.md, "The gate, chosen leaving one domain out"), 1.0 with beam search.
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
                     one fires the unadapted transcript is returned; ``()``: none.  "auto" (default): with greedy
                     decoding every one but "likelihood" and "agreement" (:data:`fastem.judge.DEFAULT_GUARDS`); with
@@ -85,9 +87,11 @@ class AdaptConfig:
     baseline:       "loo" (unbiased leave-one-out, default), "mean" or "none".
     hypotheses:     "sample" (K samples), "greedy" (the greedy pseudo-label) or "auto": greedy for
                     "entropy" and "suta", samples otherwise.
-    temperature:    divides the logits when sampling and scoring (0.7: the samples stay nearer the mode and the
-                    entropy weighs the positions where the model is really unsure; for "suta" its entropy
-                    temperature, 2.5 in SUTA's paper).
+    temperature:    divides the logits when sampling and scoring: the loop minimizes the entropy of the tempered
+                    model.  "auto" (default): 0.7 with greedy decoding (below 1 the samples stay nearer the mode
+                    and the entropy weighs the positions where the model is really unsure; chosen on DEV), 1.0
+                    with beam search (where it was measured).  For "suta" its entropy temperature (2.5 in
+                    SUTA's paper).
     reduction:      "sum" over tokens (the exact scale) or "mean" per token.
     em_coef:        "suta" only: weight of the entropy term against minimum class confusion (0.5).
     optimizer:      "adam" (AdamW) or "sgd".
@@ -117,7 +121,7 @@ class AdaptConfig:
     seed: int = 0
     episodic: bool = True
     # the judge
-    min_entropy: float = 1.4
+    min_entropy: float | str = "auto"
     guards: tuple | str = "auto"
     max_logp_drop: float = 1.5
     max_seq_logp_drop: float | str = "auto"
@@ -131,7 +135,7 @@ class AdaptConfig:
     # research ablations
     baseline: str = "loo"
     hypotheses: str = "auto"
-    temperature: float = 0.7
+    temperature: float | str = "auto"
     reduction: str = "sum"
     em_coef: float = 0.5
     optimizer: str = "adam"
@@ -171,8 +175,8 @@ class AdaptConfig:
             raise ValueError("baseline='loo' needs num_samples >= 2 (with one sample it is no baseline): raise "
                              "num_samples or pass baseline='none'")
         check_param_spec(self.params)
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.temperature != "auto" and (isinstance(self.temperature, (str, bool)) or not self.temperature > 0):
+            raise ValueError(f"temperature must be 'auto' or > 0, got {self.temperature!r}")
         if self.reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
         if not self.max_logp_drop >= 0 or not self.max_length_ratio > 1:
@@ -187,8 +191,9 @@ class AdaptConfig:
             raise ValueError(f"max_verifier_drop must be >= 0 (nats per token), got {self.max_verifier_drop!r}")
         if self.verifier is not None and not (isinstance(self.verifier, str) and self.verifier.strip()):
             raise ValueError(f"verifier must be a checkpoint name, hub id or directory, got {self.verifier!r}")
-        if not self.min_entropy >= 0.0:
-            raise ValueError(f"min_entropy must be >= 0 (nats per token; 0 adapts every utterance), got {self.min_entropy!r}")
+        if self.min_entropy != "auto" and (isinstance(self.min_entropy, (str, bool)) or not self.min_entropy >= 0.0):
+            raise ValueError(f"min_entropy must be 'auto' or >= 0 (nats per token; 0 adapts every utterance), got "
+                             f"{self.min_entropy!r}")
         if not 0.0 <= self.em_coef <= 1.0:
             raise ValueError(f"em_coef must be in [0, 1], got {self.em_coef!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -235,6 +240,22 @@ class AdaptConfig:
         if self.steps == "auto":
             return 10 if self.num_beams > 1 else 5
         return self.steps
+
+    @property
+    def gate_entropy(self) -> float:
+        """The gate's threshold this call uses: ``min_entropy`` resolved ("auto": 1.4 nats with greedy decoding,
+        1.0 with beam search)."""
+        if self.min_entropy == "auto":
+            return 1.0 if self.num_beams > 1 else 1.4
+        return float(self.min_entropy)
+
+    @property
+    def sample_temperature(self) -> float:
+        """The temperature the steps sample and score at: ``temperature`` resolved ("auto": 0.7 with greedy
+        decoding, 1.0 with beam search)."""
+        if self.temperature == "auto":
+            return 1.0 if self.num_beams > 1 else 0.7
+        return float(self.temperature)
 
     @property
     def active_guards(self) -> tuple:

@@ -82,7 +82,7 @@ def run_demo(*, model_name: str = "base", device=None, snrs=(None, 5.0, -3.0), c
                 + (f"; {res.guard}: {res.guard_reason}" if res.guard else ""))
         elif res.skipped == "confident":
             print(f"adaptation: not run, the model is sure of this clip (mean token entropy "
-                  f"{res.scores['entropy_before']:.3f} < min_entropy {cfg.min_entropy:g})")
+                  f"{res.scores['entropy_before']:.3f} < min_entropy {cfg.gate_entropy:g})")
     print(f"\n| condition | unadapted | adapted | {beams}-beam | decided by | adapt s | beam s |")
     print("|---|---:|---:|---:|---|---:|---:|")
     for label, wer, decided, secs, beam_secs in rows:

@@ -117,13 +117,13 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
             r = hyps.rows_of(b).start
             n = int(hyps.lengths[r])
             logits = head.logits(hidden[r, :n]) + torch.stack([first_bias] + [bias] * (n - 1))
-            z = logits / cfg.temperature
+            z = logits / cfg.sample_temperature
             with full_precision(z):
                 losses.append(suta_loss(z, em_coef=cfg.em_coef))
             with torch.no_grad():
                 ents[r, :n] = entropy_rows(z)
         return losses, ents, mask
-    entropy, logp, mask = score(model, cross, prompts, hyps, temperature=cfg.temperature, backend=cfg.backend,
+    entropy, logp, mask = score(model, cross, prompts, hyps, temperature=cfg.sample_temperature, backend=cfg.backend,
                                 over=binding.over, head=head, over_rows=over_rows)
     losses = []
     for b in range(len(prompts)):
@@ -159,7 +159,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         rows = None if sub is None else torch.tensor(sub, device=head.weight.device)
         cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast, rows=rows)  # after before_backward
         hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples, greedy=cfg.uses_greedy_hypotheses,
-                      temperature=cfg.temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
+                      temperature=cfg.sample_temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
                       head=head, with_greedy=watch is not None, over_rows=sub)
         if watch is not None:
             if cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts

@@ -389,7 +389,7 @@ def test_one_sgd_step_moves_the_weights_by_minus_lr_times_the_gradient(model, pr
         enc = ref.encode(model, feats)
         prompt = ref.build_prompt(model, enc, "en")
         greedy = objective == "entropy"
-        temperature = fastem.AdaptConfig().temperature  # the library's default, which the call above used
+        temperature = fastem.AdaptConfig().sample_temperature  # the library's default, which the call above used
         hyps = ref.decode(model, enc, prompt, num_samples=k, greedy=greedy, max_new_tokens=8,
                           generator=torch.Generator().manual_seed(11), temperature=temperature)
     for _, p in params:

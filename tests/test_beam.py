@@ -105,3 +105,19 @@ def test_steps_are_five_greedy_and_ten_with_beams_of_eight_samples_unless_set(pr
     for bad in (-1, 2.5, True, "ten"):
         with pytest.raises(ValueError, match="steps"):
             fastem.AdaptConfig(steps=bad)
+
+
+def test_the_temperature_and_the_gate_resolve_by_decoding():
+    """``temperature`` and ``min_entropy`` "auto": 0.7 and 1.4 nats with greedy decoding (chosen on DEV for it),
+    1.0 and 1.0 with beam search (where the beam option was measured); a number is used as given."""
+    greedy, beams = fastem.AdaptConfig(), fastem.AdaptConfig(num_beams=5)
+    assert (greedy.sample_temperature, greedy.gate_entropy) == (0.7, 1.4)
+    assert (beams.sample_temperature, beams.gate_entropy) == (1.0, 1.0)
+    given = fastem.AdaptConfig(num_beams=5, temperature=2.5, min_entropy=0)
+    assert (given.sample_temperature, given.gate_entropy) == (2.5, 0.0)
+    for bad in ("hot", 0, -1.0, True):
+        with pytest.raises(ValueError, match="temperature"):
+            fastem.AdaptConfig(temperature=bad)
+    for bad in ("high", -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="min_entropy"):
+            fastem.AdaptConfig(min_entropy=bad)

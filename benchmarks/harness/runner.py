@@ -345,10 +345,11 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
 
         cfg = AdaptConfig(**overrides)
         # "auto" recorded as what the call uses (the threshold: greedy 2.0, beams off; steps: greedy 5, beams 10;
-        # the guards: greedy DEFAULT_GUARDS, beams BEAM_GUARDS),
+        # the guards: greedy DEFAULT_GUARDS, beams BEAM_GUARDS; the gate: greedy 1.4, beams 1.0; the temperature:
+        # greedy 0.7, beams 1.0),
         # so a row keeps its key whether its setting was written out or left to "auto"
         d = {**dataclasses.asdict(cfg), "max_seq_logp_drop": cfg.seq_logp_limit, "steps": cfg.step_count,
-             "guards": cfg.active_guards}
+             "guards": cfg.active_guards, "min_entropy": cfg.gate_entropy, "temperature": cfg.sample_temperature}
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
         d = dict(overrides)
     d.pop("backend", None)  # the kernel backend does not change the result beyond float rounding

@@ -167,7 +167,7 @@ def test_gates_through_lodo_pool_the_methods_named_with_plus(tmp_path, capsys):
 
     # domain g: an uncertain utterance the adaptation mends; domain h: a surer one it harms (just under the
     # library's gate), in both draws; a third method that --method does not name
-    gate = sweep.AdaptConfig().min_entropy
+    gate = sweep.AdaptConfig().gate_entropy
     low = round(gate - 0.2, 3)
     rows = [raw(m, "g", "a b d", gate + 1) for m in ("m", "m_s1")] + [raw(m, "h", "a b c", gate - 0.1)
                                                                       for m in ("m", "m_s1")]

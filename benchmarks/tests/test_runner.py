@@ -381,7 +381,7 @@ def test_suta_is_ungated_and_its_rows_predate_the_gate():
     setting at its no-op value is left out of the row key, so rows written before the gate existed stay valid."""
     import fastem
 
-    assert BUILTIN_METHODS["suta"]["min_entropy"] == 0.0 and fastem.AdaptConfig().min_entropy > 0.0
+    assert BUILTIN_METHODS["suta"]["min_entropy"] == 0.0 and fastem.AdaptConfig().gate_entropy > 0.0
     suta = resolved_adapt_config(BUILTIN_METHODS["suta"])
     assert "min_entropy" not in suta
     assert resolved_adapt_config({"min_entropy": 0.5})["min_entropy"] == 0.5  # only the no-op value is dropped
