@@ -800,7 +800,9 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
                 if u.before is None:
                     u.before = res.text_before
                 elif res.text_before != u.before:
-                    _log(f"warning: text_before differs between methods for {u.item.domain} {u.item.utt_id}", info)
+                    why = ("expected: Whisper's fallback sampled it with each method's seed"
+                           if (res.scores or {}).get("fallback_before") else "not from the fallback: check the decoding")
+                    _log(f"warning: text_before differs between methods for {u.item.domain} {u.item.utt_id} ({why})", info)
             e, n = _report.score(u.item.utt.text, res.text, u.dom.language)
             eb, _ = _report.score(u.item.utt.text, res.text_before, u.dom.language)
             row = {**u.base, "method": m, "config_hash": hashes[(u.item.domain, m)], "hyp": res.text,
