@@ -179,7 +179,8 @@ def _config(args) -> AdaptConfig:
     d = AdaptConfig()
     return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr,
                        num_samples=args.num_samples,
-                       params=args.params, seed=args.seed, min_entropy="auto" if args.min_entropy is None else args.min_entropy,
+                       params=args.params, seed=args.seed,
+                       min_entropy=d.min_entropy if args.min_entropy is None else args.min_entropy,
                        guards=asked, max_logp_drop=args.max_logp_drop,
                        max_seq_logp_drop=d.max_seq_logp_drop if args.max_seq_logp_drop is None else args.max_seq_logp_drop,
                        verifier=args.verifier, max_verifier_drop=args.max_verifier_drop, **_decode_rules(args))

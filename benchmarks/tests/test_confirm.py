@@ -221,26 +221,22 @@ REAL_DEV_AUDIO = {
 }
 
 
-def _dev_audio_hashes(data_dir: Path, wanted: dict) -> dict:
+def _dev_audio_fingerprints(data_dir: Path, wanted: dict, fingerprint=_sha) -> dict:
     got = {}
     for domain, utt_id in wanted:
         utt = next(u for u in DOMAINS[domain].utterances(data_dir, 2) if u.utt_id == utt_id)
-        got[(domain, utt_id)] = _sha(DOMAINS[domain].load(utt, data_dir=data_dir))
+        got[(domain, utt_id)] = fingerprint(DOMAINS[domain].load(utt, data_dir=data_dir))
     return got
 
 
 def test_dev_domain_audio_unchanged_on_the_synthetic_set(dev_synth):
-    assert _dev_audio_hashes(dev_synth, SYNTH_DEV_AUDIO) == SYNTH_DEV_AUDIO
+    assert _dev_audio_fingerprints(dev_synth, SYNTH_DEV_AUDIO) == SYNTH_DEV_AUDIO
 
 
 @pytest.mark.skipif(not HAVE_DEV, reason=f"DEV data not found at {REAL_DEV}")
 def test_dev_domain_audio_unchanged_on_the_real_data():
-    bad = []
-    for domain, utt_id in REAL_DEV_AUDIO:
-        utt = next(u for u in DOMAINS[domain].utterances(REAL_DEV, 2) if u.utt_id == utt_id)
-        got = _sketch(DOMAINS[domain].load(utt, data_dir=REAL_DEV))
-        if not _same_sketch(got, REAL_DEV_AUDIO[(domain, utt_id)]):
-            bad.append((domain, utt_id, got))
+    got = _dev_audio_fingerprints(REAL_DEV, REAL_DEV_AUDIO, fingerprint=_sketch)
+    bad = [(key, sketch) for key, sketch in got.items() if not _same_sketch(sketch, REAL_DEV_AUDIO[key])]
     assert not bad, bad
 
 
