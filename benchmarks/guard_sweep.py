@@ -87,6 +87,14 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
     return before if judge.check(ev, names) else after
 
 
+def library_rule(lib: AdaptConfig, **override):
+    """``decide`` with the library's thresholds (``lib``: the gate, ``confidence``, ``length``, ``consensus``), any of
+    them replaced by ``override`` (``decide``'s keywords: ``max_drop``, ``min_entropy``, ``verifier_drop``, ...)."""
+    kw = dict(max_drop=lib.max_logp_drop, max_ratio=lib.max_length_ratio, min_entropy=lib.gate_entropy, consensus=0.0)
+    kw.update(override)
+    return lambda r: decide(r, **kw)
+
+
 def _audio(r: dict, data_dir: str | None = None):
     """The row's utterance as the domain benchmark made it (16 kHz mono), read from ``data_dir`` (None: the
     default directory of the data set the row's domain reads, DEV or CONFIRM)."""
@@ -243,9 +251,7 @@ def tradeoff(rows: list[dict], base: list[tuple[int, int]], drops: list[float]) 
     ``max_logp_drop`` at each of ``drops`` (0: the source model must not find the adapted transcript any less
     likely than its own greedy one)."""
     lib = AdaptConfig()
-    return [{"drop": drop, **evaluate(rows, base, lambda r: decide(r, drop, lib.max_length_ratio, lib.gate_entropy,
-                                                                   consensus=0.0))}
-            for drop in drops]
+    return [{"drop": drop, **evaluate(rows, base, library_rule(lib, max_drop=drop))} for drop in drops]
 
 
 def main(argv=None) -> int:
@@ -326,8 +332,7 @@ def main(argv=None) -> int:
         print("\n| min_entropy | adapted | errors | rel. change | macro WER | rel. macro | worse / better |\n"
               "|---:|---:|---:|---:|---:|---:|---:|")
         def gated(gate):  # every guard of the library's default but likelihood, which is not one of them
-            return lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, gate, consensus=0.0,
-                                    verifier_drop=lib.max_verifier_drop)
+            return library_rule(lib, min_entropy=gate, verifier_drop=lib.max_verifier_drop)
 
         for g in args.gates.split(","):
             gate = float(g)
@@ -348,8 +353,7 @@ def main(argv=None) -> int:
               "|---:|---:|---:|---:|---:|---:|---:|")
         for m in ["off"] + args.consensus.split(","):
             margin = None if m == "off" else float(m)
-            ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.gate_entropy,
-                                                      consensus=margin))
+            ev = evaluate(rows, base, library_rule(lib, consensus=margin))
             print(f"| {m} | {ev['errors']} | {ev['errors'] / e0 - 1:+.1%} | {ev['macro']:.2%} | "
                   f"{ev['macro'] / ev['macro0'] - 1:+.1%} | {ev['worse']} / {ev['better']} | {ev['kept']} |")
     full = ("errors | rel. change | macro WER | rel. macro | worse / better | % worse | kept unadapted |\n"
@@ -366,8 +370,7 @@ def main(argv=None) -> int:
         print(f"| {option} (with every default) | " + full)
         for d in ["off"] + values.split(","):
             value = None if d == "off" else float(d)
-            print(line(d, evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio,
-                                                                lib.gate_entropy, consensus=0.0, **{key: value}))))
+            print(line(d, evaluate(rows, base, library_rule(lib, **{key: value}))))
 
     if args.verifier_drops:
         sweep("max_verifier_drop", args.verifier_drops, "verifier_drop",
@@ -381,16 +384,11 @@ def main(argv=None) -> int:
         for v in ["off"] + args.verifier_drops.split(","):
             for q in ["off"] + args.seq_drops.split(","):
                 vd, sd = (None if v == "off" else float(v)), (None if q == "off" else float(q))
-                ev = evaluate(rows, base, lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.gate_entropy,
-                                                           consensus=0.0, verifier_drop=vd, seq_drop=sd))
+                ev = evaluate(rows, base, library_rule(lib, verifier_drop=vd, seq_drop=sd))
                 print(line(f"{v} | {q}", ev))
     if args.lodo and args.verifier_drops and args.seq_drops:
-        def setting(vd, sd):
-            return lambda r: decide(r, lib.max_logp_drop, lib.max_length_ratio, lib.gate_entropy, consensus=0.0,
-                                    verifier_drop=vd, seq_drop=sd)
-
-        settings = {f"verifier {v}, likelihood {q}": setting(None if v == "off" else float(v),
-                                                             None if q == "off" else float(q))
+        settings = {f"verifier {v}, likelihood {q}": library_rule(lib, verifier_drop=None if v == "off" else float(v),
+                                                                  seq_drop=None if q == "off" else float(q))
                     for v in ["off"] + args.verifier_drops.split(",") for q in ["off"] + args.seq_drops.split(",")}
         default = f"verifier {lib.max_verifier_drop:g}, likelihood {lib.seq_logp_limit:g}"
         if default not in settings:
