@@ -380,6 +380,7 @@ def test_one_sgd_step_moves_the_weights_by_minus_lr_times_the_gradient(model, pr
                         baseline=baseline, params="layernorm:decoder", seed=11, max_new_tokens=8, guards=(),
                         min_entropy=0.0) as adapter:
         adapter.adapt(audio, language="en")
+        temperature = adapter.config.sample_temperature  # the Adapter's own default, which the call used
         table = adapter._state.binding.over.table  # a continual adapter keeps its LayerNorm values itself
         moved = {n: table[model.get_submodule(n.rsplit(".", 1)[0])][0 if n.endswith("weight") else 1][0].detach()
                  - start[n] for n, p in params}
@@ -389,7 +390,6 @@ def test_one_sgd_step_moves_the_weights_by_minus_lr_times_the_gradient(model, pr
         enc = ref.encode(model, feats)
         prompt = ref.build_prompt(model, enc, "en")
         greedy = objective == "entropy"
-        temperature = fastem.AdaptConfig().sample_temperature  # the library's default, which the call above used
         hyps = ref.decode(model, enc, prompt, num_samples=k, greedy=greedy, max_new_tokens=8,
                           generator=torch.Generator().manual_seed(11), temperature=temperature)
     for _, p in params:
