@@ -213,7 +213,8 @@ def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | 
 
 def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
     """Phase 4: ``cfg.step_count`` optimizer steps on the active utterances (fewer for one whose greedy transcript
-    has settled, with ``cfg.stop_when_settled``); their histories."""
+    has settled, with ``cfg.stop_when_settled``); their histories.  Fresh hypotheses are drawn every
+    ``cfg.sample_every`` steps, and whenever the utterances still stepping have changed since the last draw."""
     histories: list[list[dict]] = [[] for _ in call.waves]
     if not active:
         return histories
@@ -225,12 +226,17 @@ def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
     # the rule can fire only with more steps than the updates it waits for
     watch = Settling(len(active), cfg.settle_updates) if 0 < cfg.settle_updates < cfg.step_count else None
     frozen = watch.frozen if watch is not None else [False] * len(active)
+    drawn, drawn_for = None, None  # the last hypotheses drawn, and the frozen flags they were drawn under
     for i in range(cfg.step_count):
+        flags = tuple(frozen)
+        reuse = drawn if i % cfg.sample_every and drawn_for == flags else None
         hyps, entries = step(call.model, cfg, call.binding, optimizer, call.encoder, prompts, budgets, generators,
-                             call.head, frozen=frozen, watch=watch)
+                             call.head, frozen=frozen, watch=watch, reuse=reuse)
         if hyps is None:  # every utterance has settled
             break
-        call.sample_seconds += hyps.seconds
+        if reuse is None:
+            call.sample_seconds += hyps.seconds
+            drawn, drawn_for = hyps, flags
         for j, (b, entry) in enumerate(zip(active, entries)):
             if not frozen[j]:
                 histories[b].append({"step": i, **entry})

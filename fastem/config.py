@@ -107,6 +107,11 @@ class AdaptConfig:
                     and every guard's score stay in the model's own dtype; "auto": bfloat16 for a float32 model
                     on hardware that computes it natively (a CPU with AVX512-BF16 or AMX, a CUDA device with
                     bfloat16), else "model" (:mod:`fastem.precision`).
+    sample_every:   1 (default) draws fresh hypotheses at every step; N > 1 draws them at every N-th step and the
+                    steps between score the same hypotheses again under the updated parameters, each sample
+                    weighted by how much likelier the model now finds it than when it was drawn (self-normalized
+                    importance weights, :mod:`fastem.objective`), so they skip the sampling, the autoregressive
+                    part of a step.  Sampled hypotheses only (not ``objective="suta"`` or greedy hypotheses).
     """
 
     # what a user sets
@@ -144,6 +149,7 @@ class AdaptConfig:
     backend: str = "auto"
     encoder_context: str = "full"
     step_precision: str = "model"
+    sample_every: int = 1
 
     def __post_init__(self):
         if self.episodic is not True:
@@ -175,6 +181,13 @@ class AdaptConfig:
         if self.objective in POLICY_OBJECTIVES and self.baseline == "loo" and self.num_samples < 2:
             raise ValueError("baseline='loo' needs num_samples >= 2 (with one sample it is no baseline): raise "
                              "num_samples or pass baseline='none'")
+        if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) or self.sample_every < 1:
+            raise ValueError(f"sample_every must be an integer >= 1 (1: fresh hypotheses every step), got "
+                             f"{self.sample_every!r}")
+        if self.sample_every > 1 and (self.objective == "suta" or self.uses_greedy_hypotheses):
+            raise ValueError(f"sample_every={self.sample_every} reuses sampled hypotheses; objective="
+                             f"{self.objective!r} with hypotheses={self.hypotheses!r} adapts on the greedy pseudo-label, "
+                             "which is decoded afresh each step (use sample_every=1)")
         check_param_spec(self.params)
         if self.temperature != "auto" and (isinstance(self.temperature, (str, bool)) or not self.temperature > 0):
             raise ValueError(f"temperature must be 'auto' or > 0, got {self.temperature!r}")

@@ -105,9 +105,23 @@ class Encoder:
         return self.cross
 
 
+def importance_weights(logp: torch.Tensor, hyps: Hypotheses) -> list[torch.Tensor]:
+    """Each utterance's self-normalized importance weights (mean 1 over its ``K`` rows) of hypotheses drawn
+    earlier: ``p(y) / q(y)`` with ``logp`` their per-token log-probs under the model now and ``hyps.logp`` under
+    the distribution they were drawn from (both at the sampling temperature), computed in log space."""
+    mask = hyps.mask
+    log_ratio = ((logp.detach().double() - hyps.logp.double()) * mask).sum(-1)
+    out = []
+    for b in range(len(hyps.groups)):
+        s = hyps.rows_of(b)
+        out.append(torch.softmax(log_ratio[s], 0) * (s.stop - s.start))
+    return out
+
+
 def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Binding,
-            head: Head, generators, over_rows=None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Each utterance's loss, and the hypotheses' per-token entropy and mask (for the history)."""
+            head: Head, generators, over_rows=None, reused: bool = False):
+    """Each utterance's loss, the hypotheses' per-token entropy and mask (for the history), and (``reused``:
+    hypotheses drawn at an earlier step, importance-weighted) each utterance's weights, else None."""
     if cfg.objective == "suta":
         hidden = teacher_forced_hidden(model, cross, prompts, hyps, over=binding.over, over_rows=over_rows)
         first_bias, bias = prompts[0].biases(head.vocab_size, hidden.device)
@@ -122,20 +136,23 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
                 losses.append(suta_loss(z, em_coef=cfg.em_coef))
             with torch.no_grad():
                 ents[r, :n] = entropy_rows(z)
-        return losses, ents, mask
+        return losses, ents, mask, None
     entropy, logp, mask = score(model, cross, prompts, hyps, temperature=cfg.sample_temperature, backend=cfg.backend,
                                 over=binding.over, head=head, over_rows=over_rows)
+    weights = importance_weights(logp, hyps) if reused else None
     losses = []
     for b in range(len(prompts)):
         s = hyps.rows_of(b)
         losses.append(em_loss(entropy[s], logp[s], mask[s], objective=cfg.objective, baseline=cfg.baseline,
-                              reduction=cfg.reduction, generator=generators[b] if generators else None))
-    return losses, entropy.detach(), mask
+                              reduction=cfg.reduction, generator=generators[b] if generators else None,
+                              weights=None if weights is None else weights[b]))
+    return losses, entropy.detach(), mask, weights
 
 
 def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
          head: Head, frozen: list[bool] | None = None,
-         watch: Callable[[list[tuple[int, ...] | None]], list[bool]] | None = None) -> tuple[Hypotheses | None, list[dict]]:
+         watch: Callable[[list[tuple[int, ...] | None]], list[bool]] | None = None,
+         reuse: Hypotheses | None = None) -> tuple[Hypotheses | None, list[dict]]:
     """One optimizer step for the batch; an utterance whose loss or gradient is not finite is not updated,
     nor one that is ``frozen`` (its steps are over while others' go on; where each utterance has its own
     rows of the adapted parameters, the step runs on the others alone).  ``watch``: called with each
@@ -143,7 +160,9 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
     sampling, which draws the same samples as without it; None for a frozen utterance not run), it returns
     the updated ``frozen`` flags; when every utterance is frozen the step ends there, before scoring
     (returns ``None, []``).  Returns the step's hypotheses and one history entry per utterance run (with
-    ``greedy``: that transcript, when watched; an empty entry for one not run)."""
+    ``greedy``: that transcript, when watched; an empty entry for one not run).  ``reuse``: hypotheses an
+    earlier step drew for the same utterances (``AdaptConfig.sample_every``): scored again, importance-weighted,
+    instead of drawing new ones (a watched step then decodes the greedy rows alone)."""
     n = len(prompts)
     t0 = time.perf_counter()
     live = [b for b in range(n) if not (frozen and frozen[b])]
@@ -158,11 +177,21 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         autocast = step_autocast(cfg.step_precision, model)
         rows = None if sub is None else torch.tensor(sub, device=head.weight.device)
         cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast, rows=rows)  # after before_backward
-        hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples, greedy=cfg.uses_greedy_hypotheses,
-                      temperature=cfg.sample_temperature, max_new_tokens=budgets, generators=generators, over=binding.over,
-                      head=head, with_greedy=watch is not None, over_rows=sub)
+        if reuse is not None:
+            hyps = reuse
+            if watch is not None:
+                g = decode(model, cross.detach(), prompts, greedy=True, max_new_tokens=budgets, over=binding.over,
+                           head=head, over_rows=sub)
+                greedy = [tuple(g.row(j, eos_id=prompts[j].eos_id)) for j in range(len(ran))]
+        else:
+            hyps = decode(model, cross.detach(), prompts, num_samples=cfg.num_samples,
+                          greedy=cfg.uses_greedy_hypotheses, temperature=cfg.sample_temperature, max_new_tokens=budgets,
+                          generators=generators, over=binding.over, head=head, with_greedy=watch is not None,
+                          over_rows=sub)
         if watch is not None:
-            if cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
+            if reuse is not None:
+                pass  # the greedy rows were decoded alone, above
+            elif cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
                 greedy = [tuple(hyps.row(j, eos_id=prompts[j].eos_id)) for j in range(len(ran))]
             else:
                 greedy, hyps = hyps.split_greedy(prompts[0].eos_id)
@@ -173,7 +202,8 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
             if all(frozen):
                 binding.zero_grad()
                 return None, []
-        losses, entropy, mask = _losses(model, cfg, cross, prompts, hyps, binding, head, generators, over_rows=sub)
+        losses, entropy, mask, weights = _losses(model, cfg, cross, prompts, hyps, binding, head, generators,
+                                                 over_rows=sub, reused=reuse is not None)
         finite = torch.zeros(n, dtype=torch.bool)
         for j, b in enumerate(ran):
             finite[b] = bool(torch.isfinite(losses[j])) and not (frozen and frozen[b])
@@ -195,7 +225,9 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         m = mask[s]
         entries[b] = {"loss": float(losses[j].detach()), "entropy": float((entropy[s] * m).sum() / m.sum().clamp_min(1)),
                       "length": float(hyps.lengths[s].float().mean()), "tokens": int(hyps.lengths[s].sum()),
-                      "seconds": elapsed, "skipped": not bool(finite[b])}
+                      "seconds": elapsed, "skipped": not bool(finite[b]), "reused": reuse is not None}
+        if weights is not None:  # the effective number of samples, (sum w)^2 / sum w^2
+            entries[b]["ess"] = float(weights[j].sum() ** 2 / (weights[j] ** 2).sum())
         if greedy is not None:
             entries[b]["greedy"] = list(greedy[j])
     return hyps, entries

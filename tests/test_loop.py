@@ -103,3 +103,58 @@ def test_bfloat16_steps_run_the_encoder_in_bfloat16_and_the_rest_in_float32(proc
     with pytest.raises(ValueError, match="step_precision"):
         fastem.AdaptConfig(step_precision="fp8")
     fastem.AdaptConfig(step_precision="auto")  # a value it takes
+
+
+def test_importance_weights_are_the_likelihood_ratios_normalized_per_utterance():
+    from fastem.sampling import Hypotheses
+
+    tokens = torch.zeros(5, 3, dtype=torch.long)
+    lengths = torch.tensor([3, 2, 3, 1, 2])
+    then = -torch.rand(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hyps = Hypotheses(tokens=tokens, lengths=lengths, logp=then, groups=[2, 3])
+    same = loop_module.importance_weights(then.clone(), hyps)
+    assert all(torch.allclose(w, torch.ones_like(w), atol=1e-12, rtol=0) for w in same)
+    now = then.clone()
+    now[1, 0] += float(torch.log(torch.tensor(3.0, dtype=torch.float64)))  # row 1: now 3x likelier than when drawn
+    now[0, 2] += 5.0    # row 0's third (real) token: e^5 times likelier
+    now[3, 2] += 50.0   # padding of row 3 (one real token): does not count
+    w = loop_module.importance_weights(now, hyps)
+    e5 = torch.exp(torch.tensor(5.0, dtype=torch.float64))
+    torch.testing.assert_close(w[0], 2 * torch.stack([e5, torch.tensor(3.0, dtype=torch.float64)]) / (e5 + 3),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(w[1], torch.ones(3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_sample_every_reuses_the_drawn_hypotheses_weighted(processor, monkeypatch):
+    """sample_every=2 over four steps: hypotheses are drawn at steps 0 and 2 and scored again, weighted, at steps 1
+    and 3 (the same tokens); the history says which steps reused them and their effective sample size; the model
+    is restored.  sample_every=1 draws at every step."""
+    model = tiny_whisper()
+    audio = torch.randn(24000, generator=torch.Generator().manual_seed(0)) * 0.1
+    draws, scored = [], []
+    real_decode, real_score = loop_module.decode, loop_module.score
+    monkeypatch.setattr(loop_module, "decode", lambda *a, **k: draws.append(k.get("greedy", False)) or real_decode(*a, **k))
+    monkeypatch.setattr(loop_module, "score", lambda m, c, p, hyps, **k: scored.append(hyps.tokens.clone())
+                        or real_score(m, c, p, hyps, **k))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(processor=processor, language="en", steps=4, num_samples=3, lr=1e-2, max_new_tokens=6, min_entropy=0.0,
+              guards=())
+    res = fastem.adapt(model, audio, sample_every=2, **kw)
+    assert draws == [False, False] and len(scored) == 4
+    assert torch.equal(scored[0], scored[1]) and torch.equal(scored[2], scored[3])
+    assert not torch.equal(scored[0], scored[2])  # fresh samples at step 2 (the test can fail)
+    assert [h["reused"] for h in res.history] == [False, True, False, True]
+    assert all(0 < h["ess"] <= 3 + 1e-9 for h in res.history if h["reused"])
+    assert not any("ess" in h for h in res.history if not h["reused"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    draws.clear()
+    res = fastem.adapt(model, audio, **kw)
+    assert draws == [False] * 4 and not any(h["reused"] for h in res.history)
+    # a watched step that reuses its hypotheses decodes the greedy rows alone
+    draws.clear()
+    fastem.adapt(model, audio, sample_every=2, stop_when_settled=3, **kw)
+    assert draws[:2] == [False, True]
+    with pytest.raises(ValueError, match="sample_every"):
+        fastem.AdaptConfig(sample_every=0)
+    with pytest.raises(ValueError, match="sample_every"):
+        fastem.AdaptConfig(sample_every=2, objective="suta")

@@ -344,3 +344,58 @@ def test_random_objective_has_zero_expected_gradient(theta, k, baseline):
     (got,) = torch.autograd.grad(total, th)
     assert scale.item() > 1e-2
     torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-12, rtol=0)
+
+
+def expected_weighted_grad(theta, theta_q, k, weighted=True, **loss_kwargs):
+    """sum over all K-tuples drawn from q (the table ``theta_q``) of q(y^1)...q(y^K) * grad em_loss with the
+    importance weights p(y^k) / q(y^k) (p: ``theta``, the model now; ``weighted=False``: without them)."""
+    with torch.no_grad():
+        p = {s: seq_logprob_and_entropies(theta, s)[0].exp().item() for s in SEQS}
+        q = {s: seq_logprob_and_entropies(theta_q, s)[0].exp().item() for s in SEQS}
+    th = theta.detach().requires_grad_(True)
+    entropy, logp, mask = batch_stats(th, SEQS)
+    total = th.new_zeros(())
+    for combo in itertools.product(range(len(SEQS)), repeat=k):
+        weight = 1.0
+        for i in combo:
+            weight *= q[SEQS[i]]
+        rows = list(combo)
+        w = torch.tensor([p[SEQS[i]] / q[SEQS[i]] if weighted else 1.0 for i in combo], dtype=torch.float64)
+        total = total + weight * em_loss(entropy[rows], logp[rows], mask[rows], weights=w, **loss_kwargs)
+    (grad,) = torch.autograd.grad(total, th)
+    return grad
+
+
+@pytest.mark.parametrize("k,baseline", [(1, "none"), (2, "loo")])
+def test_importance_weighted_samples_of_another_model_give_the_exact_gradient(theta, k, baseline):
+    """Samples drawn from another model q (as when the loop reuses an earlier step's hypotheses), each weighted by
+    p(y)/q(y): the expected gradient of em_loss is grad H(Y|x) of the model now, exactly; without the weights it
+    is not (the test can fail)."""
+    gen = torch.Generator().manual_seed(5)
+    theta_q = theta.detach() + 0.8 * torch.randn(theta.shape, dtype=torch.float64, generator=gen)
+    want = exact_grad(theta)
+    got = expected_weighted_grad(theta, theta_q, k, objective="em", baseline=baseline)
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=0)
+    unweighted = expected_weighted_grad(theta, theta_q, k, weighted=False, objective="em", baseline=baseline)
+    assert (unweighted - want).abs().max() > 1e-3
+
+
+def test_weights_scale_each_samples_terms(theta):
+    """Per batch: with weights w, each sample's own terms (its entropies and its advantage-weighted log-probs) are
+    multiplied by w_k, while the leave-one-out baseline still takes every sample's cost as it is; unit weights
+    change nothing, bit for bit."""
+    seqs = [(0,), (1, 0), (2, 3, 1), (3, 1, 0)]
+    entropy, logp, mask = batch_stats(theta, seqs)
+    plain = em_loss(entropy, logp, mask)
+    assert torch.equal(em_loss(entropy, logp, mask, weights=torch.ones(4, dtype=torch.float64)), plain)
+    w = torch.tensor([0.5, 2.0, 0.0, 1.5], dtype=torch.float64)
+    got = em_loss(entropy, logp, mask, weights=w)
+    # by hand: each sample's own terms (entropy sum and its advantage-weighted log-probs), weighted
+    m = mask.double()
+    ent = entropy * m
+    cost = cost_to_go(ent.detach())
+    base = (cost.sum(0, keepdim=True) - cost) / 3
+    per = ent.sum(-1) + ((cost - base) * m * logp * m).sum(-1)
+    torch.testing.assert_close(got, (w * per).sum() / 4, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="weights"):
+        em_loss(entropy, logp, mask, weights=torch.ones(3))
