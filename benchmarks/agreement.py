@@ -78,6 +78,14 @@ def verifier_texts(rows: list[dict], cache_path: Path, verifier: str | None, dat
     return cache
 
 
+def add_verifier_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of a script that reads the verifier's transcripts through :func:`verifier_texts`, and --out."""
+    ap.add_argument("--cache", required=True, help="JSON lines of the verifier's transcripts (read and extended)")
+    ap.add_argument("--verifier", default=None, help="default: what verifier='auto' picks for the row's model")
+    ap.add_argument("--data", default=None, help="the data directory (default: the rows' data set's)")
+    ap.add_argument("--out", required=True)
+
+
 def _beams(row: dict) -> int:
     return int((row.get("adapt") or {}).get("num_beams", 1) or 1)
 
@@ -110,10 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--as", dest="name", required=True)
     ap.add_argument("--variant", choices=("replace", "add"), required=True,
                     help="replace: agreement instead of the verifier guard; add: after it")
-    ap.add_argument("--cache", required=True, help="JSON lines of the verifier's transcripts (read and extended)")
-    ap.add_argument("--verifier", default=None, help="default: what verifier='auto' picks for the row's model")
-    ap.add_argument("--data", default=None, help="the data directory (default: the rows' data set's)")
-    ap.add_argument("--out", required=True)
+    add_verifier_arguments(ap)
     args = ap.parse_args(argv)
     rows, chosen = read_adapted(args.rows, args.method)
     cache = verifier_texts(chosen, Path(args.cache), args.verifier, args.data)

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agreement import _key, verifier_texts  # noqa: E402
+from agreement import _key, add_verifier_arguments, verifier_texts  # noqa: E402
 from harness.report import score  # noqa: E402
 from redecide import read_adapted, write_rows  # noqa: E402
 
@@ -51,10 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("rows", help="rows of the domain benchmark holding `none` (greedy) and the beam --method")
     ap.add_argument("--method", required=True)
     ap.add_argument("--as", dest="name", required=True)
-    ap.add_argument("--cache", required=True, help="JSON lines of the verifier's transcripts (read and extended)")
-    ap.add_argument("--verifier", default=None, help="default: what verifier='auto' picks for the rows' model")
-    ap.add_argument("--data", default=None, help="the data directory (default: the rows' data set's)")
-    ap.add_argument("--out", required=True)
+    add_verifier_arguments(ap)
     args = ap.parse_args(argv)
     rows, chosen = read_adapted(args.rows, args.method)
     greedy = {_utt(r): r for r in rows if r.get("method") == "none"}

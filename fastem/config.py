@@ -16,6 +16,22 @@ from .precision import STEP_PRECISIONS
 __all__ = ["AdaptConfig", "AdaptResult"]
 
 
+#: What each "auto" setting of :class:`AdaptConfig` resolves to: ``(with greedy decoding, with beam search)``.  Each
+#: pair was chosen on DEV for its decoding (RESULTS.md): ``steps`` in "Five steps of eight samples, two draws per side"
+#: and "Adapting with beam search"; ``min_entropy`` and ``temperature`` in "The gate, chosen leaving one domain
+#: out, with T = 0.7" (beam search kept the values it was measured with); ``max_seq_logp_drop`` in "The likelihood
+#: guard with greedy decoding" (named in ``guards`` to run) and "The likelihood guard with beams" (None: it abstains);
+#: ``guards`` in "The likelihood guard with greedy decoding" and "The verifier's own transcript as evidence".  The
+#: continual :class:`fastem.Adapter` has its own temperature and gate (``fastem.adapter.CONTINUAL_AUTO``).
+AUTO = {
+    "steps": (5, 10),
+    "min_entropy": (1.4, 1.0),
+    "temperature": (0.7, 1.0),
+    "max_seq_logp_drop": (2.0, None),
+    "guards": (_judge.DEFAULT_GUARDS, _judge.BEAM_GUARDS),
+}
+
+
 @dataclass
 class AdaptConfig:
     """Settings of one adaptation call; every field is also a keyword of ``fastem.adapt``.
@@ -247,45 +263,37 @@ class AdaptConfig:
     def uses_greedy_hypotheses(self) -> bool:
         return self.hypotheses == "greedy" or (self.hypotheses == "auto" and self.objective in ("entropy", "suta"))
 
+    def _auto(self, field: str):
+        """``field``'s value, or where it is "auto" what it resolves to with this call's decoding (:data:`AUTO`)."""
+        value = getattr(self, field)
+        return AUTO[field][self.num_beams > 1] if value == "auto" else value
+
     @property
     def step_count(self) -> int:
-        """The optimizer steps on each utterance: ``steps`` resolved ("auto": 5 with greedy decoding, 10 with
-        beam search)."""
-        if self.steps == "auto":
-            return 10 if self.num_beams > 1 else 5
-        return self.steps
+        """The optimizer steps on each utterance: ``steps`` resolved (:data:`AUTO`)."""
+        return self._auto("steps")
 
     @property
     def gate_entropy(self) -> float:
-        """The gate's threshold this call uses: ``min_entropy`` resolved ("auto": 1.4 nats with greedy decoding,
-        1.0 with beam search)."""
-        if self.min_entropy == "auto":
-            return 1.0 if self.num_beams > 1 else 1.4
-        return float(self.min_entropy)
+        """The gate's threshold this call uses: ``min_entropy`` resolved (:data:`AUTO`)."""
+        return float(self._auto("min_entropy"))
 
     @property
     def sample_temperature(self) -> float:
-        """The temperature the steps sample and score at: ``temperature`` resolved ("auto": 0.7 with greedy
-        decoding, 1.0 with beam search)."""
-        if self.temperature == "auto":
-            return 1.0 if self.num_beams > 1 else 0.7
-        return float(self.temperature)
+        """The temperature the steps sample and score at: ``temperature`` resolved (:data:`AUTO`)."""
+        return float(self._auto("temperature"))
 
     @property
     def active_guards(self) -> tuple:
-        """The guards this call runs: ``guards`` resolved ("auto": :data:`fastem.judge.DEFAULT_GUARDS` with greedy
-        decoding, :data:`fastem.judge.BEAM_GUARDS` with beam search)."""
-        if self.guards == "auto":
-            return _judge.BEAM_GUARDS if self.num_beams > 1 else _judge.DEFAULT_GUARDS
-        return self.guards
+        """The guards this call runs: ``guards`` resolved (:data:`AUTO`)."""
+        return self._auto("guards")
 
     @property
     def seq_logp_limit(self) -> float | None:
-        """The likelihood guard's threshold this call uses: ``max_seq_logp_drop`` resolved ("auto": 2.0 nats
-        with greedy decoding, None, the guard abstaining, with beam search)."""
-        if self.max_seq_logp_drop == "auto":
-            return None if self.num_beams > 1 else 2.0
-        return float(self.max_seq_logp_drop)
+        """The likelihood guard's threshold this call uses: ``max_seq_logp_drop`` resolved (:data:`AUTO`; None: the
+        guard abstains)."""
+        value = self._auto("max_seq_logp_drop")
+        return None if value is None else float(value)
 
     @property
     def decode_rules(self) -> DecodeRules:
@@ -313,8 +321,10 @@ class AdaptResult:
                                  that voted), ``verifier_before``, ``verifier_after`` or ``verifier_abstained``.
     language:                    the language code used (given or detected), None if unknown.
     history:                     one dict per step: loss, entropy (mean token entropy of the step's
-                                 hypotheses, before the update), length, tokens, seconds, and skipped (a
-                                 non-finite loss or gradient: no update).
+                                 hypotheses, before the update), length, tokens, seconds, skipped (a
+                                 non-finite loss or gradient: no update) and reused (the step scored hypotheses
+                                 drawn at an earlier step, ``sample_every``; then also ess, their effective
+                                 number under the importance weights).
     seconds:                     wall time of the call (shared by the utterances of a batch).
     sample_tokens / sample_seconds: tokens drawn by the sampling loop and the time spent in it.
     skipped:                     why nothing was adapted: "silence" (digital silence), "no_speech"

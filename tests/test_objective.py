@@ -89,22 +89,28 @@ def batch_stats(theta, seqs):
     return entropy, logp, mask
 
 
-def expected_surrogate_grad(theta, k, **loss_kwargs):
+def expected_surrogate_grad(theta, k, drawn_from=None, weighted=True, **loss_kwargs):
     """sum over all K-tuples of samples of p(y^1)...p(y^K) * grad em_loss(y^1..y^K).
 
     The gradient of a weighted sum is the weighted sum of the gradients (the weights are constants):
     one backward pass.  Each sequence's rows come from one :func:`batch_stats` call over all
-    sequences (a sequence's statistics do not depend on the batch it is drawn in)."""
+    sequences (a sequence's statistics do not depend on the batch it is drawn in).  ``drawn_from``: the
+    samples are drawn from another table q instead (probabilities q(y^1)...q(y^K)) and enter em_loss with the
+    importance weights p(y^k) / q(y^k) (``weighted=False``: without them)."""
     with torch.no_grad():
         probs = {s: seq_logprob_and_entropies(theta, s)[0].exp().item() for s in SEQS}
+        draw = probs if drawn_from is None else {s: seq_logprob_and_entropies(drawn_from, s)[0].exp().item() for s in SEQS}
     th = theta.detach().requires_grad_(True)
     entropy, logp, mask = batch_stats(th, SEQS)
     total = th.new_zeros(())
     for combo in itertools.product(range(len(SEQS)), repeat=k):
         weight = 1.0
         for i in combo:
-            weight *= probs[SEQS[i]]
+            weight *= draw[SEQS[i]]
         rows = list(combo)
+        if drawn_from is not None:
+            ratio = [probs[SEQS[i]] / draw[SEQS[i]] if weighted else 1.0 for i in combo]
+            loss_kwargs["weights"] = torch.tensor(ratio, dtype=torch.float64)
         total = total + weight * em_loss(entropy[rows], logp[rows], mask[rows], **loss_kwargs)
     (grad,) = torch.autograd.grad(total, th)
     return grad
@@ -346,26 +352,6 @@ def test_random_objective_has_zero_expected_gradient(theta, k, baseline):
     torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-12, rtol=0)
 
 
-def expected_weighted_grad(theta, theta_q, k, weighted=True, **loss_kwargs):
-    """sum over all K-tuples drawn from q (the table ``theta_q``) of q(y^1)...q(y^K) * grad em_loss with the
-    importance weights p(y^k) / q(y^k) (p: ``theta``, the model now; ``weighted=False``: without them)."""
-    with torch.no_grad():
-        p = {s: seq_logprob_and_entropies(theta, s)[0].exp().item() for s in SEQS}
-        q = {s: seq_logprob_and_entropies(theta_q, s)[0].exp().item() for s in SEQS}
-    th = theta.detach().requires_grad_(True)
-    entropy, logp, mask = batch_stats(th, SEQS)
-    total = th.new_zeros(())
-    for combo in itertools.product(range(len(SEQS)), repeat=k):
-        weight = 1.0
-        for i in combo:
-            weight *= q[SEQS[i]]
-        rows = list(combo)
-        w = torch.tensor([p[SEQS[i]] / q[SEQS[i]] if weighted else 1.0 for i in combo], dtype=torch.float64)
-        total = total + weight * em_loss(entropy[rows], logp[rows], mask[rows], weights=w, **loss_kwargs)
-    (grad,) = torch.autograd.grad(total, th)
-    return grad
-
-
 @pytest.mark.parametrize("k,baseline", [(1, "none"), (2, "loo")])
 def test_importance_weighted_samples_of_another_model_give_the_exact_gradient(theta, k, baseline):
     """Samples drawn from another model q (as when the loop reuses an earlier step's hypotheses), each weighted by
@@ -374,9 +360,9 @@ def test_importance_weighted_samples_of_another_model_give_the_exact_gradient(th
     gen = torch.Generator().manual_seed(5)
     theta_q = theta.detach() + 0.8 * torch.randn(theta.shape, dtype=torch.float64, generator=gen)
     want = exact_grad(theta)
-    got = expected_weighted_grad(theta, theta_q, k, objective="em", baseline=baseline)
+    got = expected_surrogate_grad(theta, k, drawn_from=theta_q, objective="em", baseline=baseline)
     torch.testing.assert_close(got, want, atol=1e-8, rtol=0)
-    unweighted = expected_weighted_grad(theta, theta_q, k, weighted=False, objective="em", baseline=baseline)
+    unweighted = expected_surrogate_grad(theta, k, drawn_from=theta_q, weighted=False, objective="em", baseline=baseline)
     assert (unweighted - want).abs().max() > 1e-3
 
 

@@ -331,7 +331,7 @@ def _hash(obj: Any) -> str:
 
 #: AdaptConfig fields added after rows were first written, with the value that changes nothing.
 _NEUTRAL_SETTINGS = {"min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None, "num_beams": 1,
-                     "encoder_context": "full"}
+                     "encoder_context": "full", "sample_every": 1}
 #: thresholds that change nothing while the setting they belong to is off (a verifier's drop without a verifier).
 _NEUTRAL_WITHOUT = {"max_verifier_drop": "verifier"}
 
@@ -344,10 +344,8 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
         from fastem import AdaptConfig  # type: ignore
 
         cfg = AdaptConfig(**overrides)
-        # "auto" recorded as what the call uses (the threshold: greedy 2.0, beams off; steps: greedy 5, beams 10;
-        # the guards: greedy DEFAULT_GUARDS, beams BEAM_GUARDS; the gate: greedy 1.4, beams 1.0; the temperature:
-        # greedy 0.7, beams 1.0),
-        # so a row keeps its key whether its setting was written out or left to "auto"
+        # every "auto" recorded as what the call uses (fastem.config.AUTO), so a row keeps its key whether its
+        # setting was written out or left to "auto"
         d = {**dataclasses.asdict(cfg), "max_seq_logp_drop": cfg.seq_logp_limit, "steps": cfg.step_count,
              "guards": cfg.active_guards, "min_entropy": cfg.gate_entropy, "temperature": cfg.sample_temperature}
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
