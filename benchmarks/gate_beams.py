@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastem import judge  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.report import score  # noqa: E402
+
 
 def _rows(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
@@ -70,6 +73,30 @@ def compose(beam_rows: list[dict], greedy_rows: list[dict], beam_method: str, gr
     return out
 
 
+def confident_beam(beam_rows: list[dict], greedy_rows: list[dict], beam_method: str, greedy_method: str, name: str,
+                   min_entropy: float) -> list[dict]:
+    """The other way round: one row per utterance of ``greedy_method`` (a greedy adapted run), returning the beam
+    run's *unadapted* beam transcript (``beam_method``'s ``text_before``) where the greedy gate at ``min_entropy``
+    trusts the clip, and the greedy method's returned transcript elsewhere."""
+    key = lambda r: (r["domain"], r["utt_id"])  # noqa: E731
+    beam = {key(r): r for r in beam_rows if r["method"] == beam_method}
+    out = []
+    for g in greedy_rows:
+        if g["method"] != greedy_method or g.get("errors") is None:
+            continue
+        k = key(g)
+        if k not in beam:
+            raise ValueError(f"{k}: no {beam_method!r} row in the beam run")
+        skip = greedy_gate(g, min_entropy)
+        b = beam[k]
+        hyp = b["text_before"] if skip else g["hyp"]
+        out.append({**g, "method": name, "hyp": hyp, "errors": score(g["ref"], hyp, g["language"])[0],
+                    "source": "beam" if skip else "greedy", "greedy_gate": skip})
+    if not out:
+        raise ValueError(f"no rows of method {greedy_method!r}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", help="the beam run's rows (with its `none` rows)")
@@ -77,18 +104,27 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy", required=True, help="rows of a greedy adapted run of the same utterances")
     ap.add_argument("--greedy-method", required=True, help="its method, whose rows carry the gate's evidence")
     ap.add_argument("--as", dest="name", default="gate_beams", help="the composed method's name")
+    ap.add_argument("--confident-beam", type=float, default=None, metavar="GATE",
+                    help="the other policy: the unadapted beam transcript where the greedy gate at GATE nats trusts the "
+                         "clip, the greedy method's returned transcript elsewhere (writes the greedy run's rows too)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    beam_rows = _rows(args.rows)
+    beam_rows, greedy_rows = _rows(args.rows), _rows(args.greedy)
     try:
-        new = compose(beam_rows, _rows(args.greedy), args.beam_method, args.greedy_method, args.name)
+        if args.confident_beam is not None:
+            new = confident_beam(beam_rows, greedy_rows, args.beam_method, args.greedy_method, args.name,
+                                 args.confident_beam)
+            kept = greedy_rows
+        else:
+            new = compose(beam_rows, greedy_rows, args.beam_method, args.greedy_method, args.name)
+            kept = beam_rows
     except ValueError as e:
         raise SystemExit(f"gate_beams: {e}") from None
     with open(args.out, "w") as f:
-        for r in beam_rows + new:
+        for r in kept + new:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
     beams = sum(r["source"] == "beam" for r in new)
-    print(f"{len(new)} utterances: {len(new) - beams} greedy (the gate), {beams} from {args.beam_method}")
+    print(f"{len(new)} utterances: {len(new) - beams} greedy, {beams} beam")
     return 0
 
 
