@@ -6,7 +6,9 @@
 
 Each ``ROWS`` argument is a rows file of the domain benchmark, or ``LABEL=PATH``: then its methods are
 named ``LABEL/method`` (two runs may both have a ``none`` or a ``fastem``).  A file written by
-``beam_baseline.py`` gives the methods ``hf_greedy`` and ``hf_beam`` (``transformers``' ``generate``).
+``beam_baseline.py`` gives the methods ``hf_greedy`` and ``hf_beam`` (``transformers``' ``generate``); one written
+by ``stream.py`` gives its modes (``continual:steps=1`` as ``continual[steps=1]``), each utterance of the stream
+named by its position (English scoring).
 
 A method in ``--pair A:B`` may carry a suffix naming another transcript of the same adapted rows:
 ``@before`` (the unadapted transcript the call compared against: greedy, or beam search with
@@ -52,6 +54,14 @@ def load(specs: list[str]) -> list[dict]:
                 for name, key in (("hf_greedy", "errors_greedy"), ("hf_beam", "errors_beam")):
                     rows.append({"method": prefix + name, "domain": r["domain"], "utt_id": r["utt_id"],
                                  "errors": r[key], "ref_words": r["ref_words"]})
+                continue
+            if "mode" in r and "reference" in r:  # a stream.py row: its mode is the method, its index the utterance
+                from fastem.text import word_errors
+
+                e, n = word_errors(r["reference"], r["text"], "en")
+                kind, _, settings = r["mode"].partition(":")  # "continual:steps=1" -> "continual[steps=1]"
+                rows.append({"method": prefix + (f"{kind}[{settings}]" if settings else kind), "domain": r["domain"],
+                             "utt_id": r["index"], "errors": e, "ref_words": n})
                 continue
             if r.get("errors") is None:  # a failed call
                 continue
