@@ -42,8 +42,9 @@ def checked(row: dict, greedy: dict, name: str, heard: str | None) -> dict:
                             seconds=row.get("audio_seconds", 0.0), verifier_text=heard, language=row["language"])
         fired = judge.agreement(ev)
     hyp = g if fired else b
+    verdict = {"verifier_text": heard, "fired": fired, "source": "greedy" if fired else "beam"}
     return {**row, "method": name, "hyp": hyp, "errors": score(row["ref"], hyp, row["language"])[0],
-            "changed": hyp != row["text_before"], "greedy_check": {"verifier_text": heard, "fired": fired, "source": "greedy" if fired else "beam"}}
+            "changed": hyp != row["text_before"], "greedy_check": verdict}
 
 
 def main(argv=None) -> int:
