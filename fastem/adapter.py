@@ -34,13 +34,7 @@ from .config import AdaptConfig, AdaptResult
 from .loop import State, make_optimizer
 from .params import Binding, ModelSnapshot, select_parameters
 
-__all__ = ["Adapter", "CONTINUAL_AUTO"]
-
-#: What the config's "auto" fields resolve to in a continual :class:`Adapter` where they differ from an episodic
-#: call: the entropy temperature and the gate its streams were measured with.  The episodic values (0.7 and 1.4,
-#: chosen on DEV for one utterance at a time) made more transcripts worse on both DEV streams (RESULTS.md, "The
-#: continual Adapter with the episodic defaults").  A value the caller gives is used as given.
-CONTINUAL_AUTO = {"temperature": 1.0, "min_entropy": 1.0}
+__all__ = ["Adapter"]
 
 
 class Adapter:
@@ -53,9 +47,7 @@ class Adapter:
 
     def __init__(self, model, processor=None, config: AdaptConfig | None = None, *, reset_after: int = 2,
                  rollback: bool = True, anchor: float = 0.0, **overrides):
-        config = dataclasses.replace(config or AdaptConfig(), **overrides)
-        self.config = dataclasses.replace(config, **{k: v for k, v in CONTINUAL_AUTO.items()
-                                                     if getattr(config, k) == "auto"})
+        self.config = dataclasses.replace(config or AdaptConfig(), **overrides)
         if reset_after < 1:
             raise ValueError(f"reset_after must be >= 1, got {reset_after!r}")
         if not 0.0 <= anchor < 1.0:

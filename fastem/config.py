@@ -21,8 +21,8 @@ __all__ = ["AdaptConfig", "AdaptResult"]
 #: and "Adapting with beam search"; ``min_entropy`` and ``temperature`` in "The gate, chosen leaving one domain
 #: out, with T = 0.7" (beam search kept the values it was measured with); ``max_seq_logp_drop`` in "The likelihood
 #: guard with greedy decoding" (named in ``guards`` to run) and "The likelihood guard with beams" (None: it abstains);
-#: ``guards`` in "The likelihood guard with greedy decoding" and "The verifier's own transcript as evidence".  The
-#: continual :class:`fastem.Adapter` has its own temperature and gate (``fastem.adapter.CONTINUAL_AUTO``).
+#: ``guards`` in "The likelihood guard with greedy decoding" and "The verifier's own transcript as evidence".  A
+#: continual :class:`fastem.Adapter` resolves them as an episodic call does.
 AUTO = {
     "steps": (5, 10),
     "min_entropy": (1.4, 1.0),
@@ -69,8 +69,7 @@ class AdaptConfig:
     min_entropy:    the gate: an utterance whose unadapted transcript has a mean next-token entropy below
                     this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all.  "auto"
                     (default): 1.4 with greedy decoding (chosen on DEV with the temperature below, leaving one
-                    domain out: RESULTS.md, "The gate, chosen leaving one domain out"), 1.0 with beam search and
-                    in a continual :class:`fastem.Adapter` (``fastem.adapter.CONTINUAL_AUTO``).
+                    domain out: RESULTS.md, "The gate, chosen leaving one domain out"), 1.0 with beam search.
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
                     one fires the unadapted transcript is returned; ``()``: none.  "auto" (default): with greedy
                     decoding every one but "likelihood" and "agreement" (:data:`fastem.judge.DEFAULT_GUARDS`); with
@@ -107,8 +106,8 @@ class AdaptConfig:
     temperature:    divides the logits when sampling and scoring: the loop minimizes the entropy of the tempered
                     model.  "auto" (default): 0.7 with greedy decoding (below 1 the samples stay nearer the mode
                     and the entropy weighs the positions where the model is really unsure; chosen on DEV), 1.0
-                    with beam search (where it was measured) and in a continual :class:`fastem.Adapter`
-                    (``fastem.adapter.CONTINUAL_AUTO``).  For "suta" its entropy temperature (2.5 in SUTA's paper).
+                    with beam search (where it was measured).  For "suta" its entropy temperature (2.5 in SUTA's
+                    paper).
     reduction:      "sum" over tokens (the exact scale) or "mean" per token.
     em_coef:        "suta" only: weight of the entropy term against minimum class confusion (0.5).
     optimizer:      "adam" (AdamW) or "sgd".

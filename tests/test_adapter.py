@@ -36,9 +36,8 @@ def test_state_carries_over_and_close_restores_the_model(model, processor, param
 
 
 def test_episodic_adapt_equals_an_adapter_after_reset(model, processor):
-    """The same settings give the same call (the Adapter's own "auto" temperature and gate, given explicitly)."""
-    episodic = fastem.adapt(model, speechlike(seed=3), processor=processor, **KW, **CFG,
-                            **fastem.adapter.CONTINUAL_AUTO)
+    """The same settings give the same call."""
+    episodic = fastem.adapt(model, speechlike(seed=3), processor=processor, **KW, **CFG)
     with fastem.Adapter(model, processor, **CFG) as adapter:
         adapter.adapt(speechlike(seed=1), **KW)
         adapter.reset()
@@ -47,17 +46,19 @@ def test_episodic_adapt_equals_an_adapter_after_reset(model, processor):
     assert adapter.resets == 1
 
 
-def test_auto_temperature_and_gate_are_the_continual_ones_unless_given(model, processor):
-    """In an Adapter "auto" resolves to the temperature and gate its streams were measured with (1.0, 1.0), not
-    the episodic 0.7 and 1.4; a value given in the config or as a keyword is used as given."""
-    assert fastem.AdaptConfig().sample_temperature == 0.7 and fastem.AdaptConfig().gate_entropy == 1.4
+def test_auto_settings_resolve_as_in_an_episodic_call_unless_given(model, processor):
+    """An Adapter's "auto" settings are the episodic call's (on two draws of both DEV streams a temperature and gate
+    of its own did not leave fewer transcripts worse: RESULTS.md, "The continual Adapter, two draws per side"); a
+    value given in the config or as a keyword is used as given, and the caller's config is not changed."""
+    auto = fastem.AdaptConfig()
     with fastem.Adapter(model, processor) as adapter:
-        assert (adapter.config.sample_temperature, adapter.config.gate_entropy) == (1.0, 1.0)
-        assert adapter.config.step_count == fastem.AdaptConfig().step_count  # only those two differ
+        got = adapter.config
+        assert (got.sample_temperature, got.gate_entropy, got.step_count) == (auto.sample_temperature,
+                                                                              auto.gate_entropy, auto.step_count)
     given = fastem.AdaptConfig(temperature=0.5)
     with fastem.Adapter(model, processor, given, min_entropy=2.0) as adapter:
         assert (adapter.config.sample_temperature, adapter.config.gate_entropy) == (0.5, 2.0)
-    assert given.temperature == 0.5 and given.min_entropy == "auto"  # the caller's config is not changed
+    assert given.temperature == 0.5 and given.min_entropy == "auto"
 
 
 def test_forced_collapse_fires_the_reset_and_the_output_recovers(model, processor):
