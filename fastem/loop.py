@@ -189,11 +189,9 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
                           generators=generators, over=binding.over, head=head, with_greedy=watch is not None,
                           over_rows=sub)
         if watch is not None:
-            if reuse is not None:
-                pass  # the greedy rows were decoded alone, above
-            elif cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
+            if reuse is None and cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
                 greedy = [tuple(hyps.row(j, eos_id=prompts[j].eos_id)) for j in range(len(ran))]
-            else:
+            elif reuse is None:
                 greedy, hyps = hyps.split_greedy(prompts[0].eos_id)
             seen: list[tuple[int, ...] | None] = [None] * n
             for j, b in enumerate(ran):

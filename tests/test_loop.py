@@ -150,6 +150,10 @@ def test_sample_every_reuses_the_drawn_hypotheses_weighted(processor, monkeypatc
     draws.clear()
     res = fastem.adapt(model, audio, **kw)
     assert draws == [False] * 4 and not any(h["reused"] for h in res.history)
+    # with the parameters barely moved, the weights are 1: the sampler's log-probs are the scorer's (same temperature,
+    # same suppressed tokens), so the ratios measure the update and nothing else
+    still = fastem.adapt(model, audio, sample_every=4, **{**kw, "lr": 1e-12})
+    assert all(abs(h["ess"] - 3) < 1e-3 for h in still.history if h["reused"]) and still.history[1]["reused"]
     # a watched step that reuses its hypotheses decodes the greedy rows alone
     draws.clear()
     fastem.adapt(model, audio, sample_every=2, stop_when_settled=3, **kw)
