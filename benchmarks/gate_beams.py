@@ -32,6 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.report import score  # noqa: E402
 
 
+def key(row: dict) -> tuple[str, str]:
+    """The utterance a row is about."""
+    return row["domain"], row["utt_id"]
+
+
 def _rows(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
 
@@ -49,7 +54,6 @@ def greedy_gate(row: dict, min_entropy: float) -> str | None:
 def compose(beam_rows: list[dict], greedy_rows: list[dict], beam_method: str, greedy_method: str, name: str) -> list[dict]:
     """One row per utterance of ``beam_method``: the greedy ``none`` transcript where the greedy gate does
     not adapt, the beam method's returned transcript elsewhere."""
-    key = lambda r: (r["domain"], r["utt_id"])  # noqa: E731
     none = {key(r): r for r in beam_rows if r["method"] == "none"}
     greedy = {key(r): r for r in greedy_rows if r["method"] == greedy_method}
     out = []
@@ -78,7 +82,6 @@ def confident_beam(beam_rows: list[dict], greedy_rows: list[dict], beam_method: 
     """The other way round: one row per utterance of ``greedy_method`` (a greedy adapted run), returning the beam
     run's *unadapted* beam transcript (``beam_method``'s ``text_before``) where the greedy gate at ``min_entropy``
     trusts the clip, and the greedy method's returned transcript elsewhere."""
-    key = lambda r: (r["domain"], r["utt_id"])  # noqa: E731
     beam = {key(r): r for r in beam_rows if r["method"] == beam_method}
     out = []
     for g in greedy_rows:

@@ -179,7 +179,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
         cross = encoder.adapted_cross(model, binding.over, short=True, autocast=autocast, rows=rows)  # after before_backward
         if reuse is not None:
             hyps = reuse
-            if watch is not None:
+            if watch is not None:  # the greedy rows alone
                 g = decode(model, cross.detach(), prompts, greedy=True, max_new_tokens=budgets, over=binding.over,
                            head=head, over_rows=sub)
                 greedy = [tuple(g.row(j, eos_id=prompts[j].eos_id)) for j in range(len(ran))]
@@ -188,11 +188,11 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
                           greedy=cfg.uses_greedy_hypotheses, temperature=cfg.sample_temperature, max_new_tokens=budgets,
                           generators=generators, over=binding.over, head=head, with_greedy=watch is not None,
                           over_rows=sub)
-        if watch is not None:
-            if reuse is None and cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
+            if watch is not None and cfg.uses_greedy_hypotheses:  # the hypotheses are the greedy transcripts
                 greedy = [tuple(hyps.row(j, eos_id=prompts[j].eos_id)) for j in range(len(ran))]
-            elif reuse is None:
+            elif watch is not None:
                 greedy, hyps = hyps.split_greedy(prompts[0].eos_id)
+        if watch is not None:
             seen: list[tuple[int, ...] | None] = [None] * n
             for j, b in enumerate(ran):
                 seen[b] = greedy[j]
