@@ -7,9 +7,10 @@ The pipeline's phases, each a function with one job:
 1. **prepare**: features, token budgets, the adapted parameters and the encoder split;
 2. **transcribe (source)**: the source model's transcript by Whisper's rules (:mod:`fastem.decoding`);
 3. **gate**: which utterances adapt (:func:`fastem.judge.gate`);
-4. **adapt**: the optimizer steps (:mod:`fastem.loop`);
-5. **transcribe (adapted)**: the adapted model's transcript, by the same rules;
-6. **judge**: the guards' evidence and verdicts (:func:`fastem.judge.judge`);
+4. **adapt**: the optimizer steps (:mod:`fastem.loop`), on each of ``cfg.draws`` independent copies per utterance;
+5. **transcribe (adapted)**: each copy's transcript, by the same rules;
+6. **judge**: the guards' evidence and verdicts (:func:`fastem.judge.judge`) and, with several draws, their
+   medoid (:func:`fastem.judge.choose`);
 
 then the results.  Every call restores the model exactly (a continual :class:`fastem.Adapter` keeps its
 learnt values outside the model, or restores the model when it closes); a call that fails always does.
@@ -33,7 +34,7 @@ from .decoding import Transcript, transcripts
 from .loop import Encoder, Settling, State, make_optimizer, step
 from .params import Binding, ModelSnapshot, cross_kv_fixed, first_adapted_encoder_layer, select_parameters
 from .sampling import Head, Prompt, build_prompts, mean_logp
-from .whisper import clip_frames, features
+from .whisper import CrossKV, clip_frames, features
 
 __all__ = ["AdaptConfig", "AdaptResult", "adapt", "adapt_batch", "transcribe", "transcribe_batch"]
 
@@ -125,6 +126,7 @@ class _Call:
     prompts: list[Prompt] | None = None
     scores: list[dict] | None = None
     sample_seconds: float = 0.0
+    slots: list[int] | None = None  # the utterance each adapted copy belongs to (``draws`` copies per active one)
 
     def source_model(self, active: bool = True):
         """Inside the block the model speaks with its source values."""
@@ -163,6 +165,12 @@ def _prepare(model, processor, waves, languages, cfg: AdaptConfig, state: State 
     """Phase 1a, before the snapshot is taken: token budgets and the adapted parameters (this call's copies,
     or a continual adapter's)."""
     binding = state.binding if state is not None else Binding(model, select_parameters(model, cfg.params), len(waves))
+    if cfg.draw_count > 1 and (state is not None or binding.direct):
+        if cfg.draws != "auto":
+            raise ValueError(f"draws={cfg.draws} needs a copy of the adapted parameters per draw: "
+                             + ("a continual Adapter keeps one" if state is not None else
+                                f"params={cfg.params!r} adapts the model in place") + " (use draws=1)")
+    cfg = dataclasses.replace(cfg, draws=cfg.draw_count if state is None and not binding.direct else 1)
     snapshot = ModelSnapshot(model, binding.direct_params)
     source = (state.source if state is not None and state.source is not None else snapshot) if binding.direct else None
     learnt = state is not None and state.source is not None and state.steps_taken > 0
@@ -195,7 +203,8 @@ def _transcribe_source(call: _Call) -> list[Transcript]:
 
 
 def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | None]]:
-    """Phase 3: the utterances that adapt, and why each other one does not."""
+    """Phase 3: the utterances that adapt, and why each other one does not; each one that adapts gets
+    ``cfg.draws`` copies of the adapted parameters (``call.slots``)."""
     skipped: list[str | None] = []
     for t in before:
         if not call.cfg.step_count:
@@ -205,27 +214,30 @@ def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | 
         else:
             skipped.append(_judge.gate(t.entropy, t.fallback, call.cfg.gate_entropy))
     active = [b for b in range(len(before)) if call.cfg.step_count and skipped[b] is None]
-    if active and len(active) < len(before):  # several episodic utterances, some not adapted: adapt the others
-        call.binding = Binding(call.model, call.binding.named, len(active))
-        call.encoder = call.encoder.select(active)
+    call.slots = [b for b in active for _ in range(call.cfg.draws)]
+    if call.slots and call.slots != list(range(len(before))):  # some not adapted, or several draws of each
+        call.binding = Binding(call.model, call.binding.named, len(call.slots))
+        call.encoder = call.encoder.select(call.slots)
     return active, skipped
 
 
-def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
-    """Phase 4: ``cfg.step_count`` optimizer steps on the active utterances (fewer for one whose greedy transcript
-    has settled, with ``cfg.stop_when_settled``); their histories.  Fresh hypotheses are drawn every
-    ``cfg.sample_every`` steps, and whenever the utterances still stepping have changed since the last draw."""
-    histories: list[list[dict]] = [[] for _ in call.waves]
-    if not active:
+def _adapt(call: _Call) -> list[list[dict]]:
+    """Phase 4: ``cfg.step_count`` optimizer steps on every adapted copy (``call.slots``; fewer for one whose greedy
+    transcript has settled, with ``cfg.stop_when_settled``); each copy's history.  Draw ``d`` of an utterance samples
+    from its own generator seeded ``cfg.seed + d``.  Fresh hypotheses are drawn every ``cfg.sample_every`` steps, and
+    whenever the copies still stepping have changed since the last draw."""
+    slots = call.slots
+    histories: list[list[dict]] = [[] for _ in slots]
+    if not slots:
         return histories
     cfg, state = call.cfg, call.state
     optimizer = state.optimizer if state is not None else make_optimizer(cfg, call.binding.tensors)
     device = call.head.weight.device
-    generators = [torch.Generator(device=device).manual_seed(cfg.seed) for _ in active]
-    prompts, budgets = [call.prompts[b] for b in active], [call.budgets[b] for b in active]
+    generators = [torch.Generator(device=device).manual_seed(cfg.seed + j % cfg.draws) for j in range(len(slots))]
+    prompts, budgets = [call.prompts[b] for b in slots], [call.budgets[b] for b in slots]
     # the rule can fire only with more steps than the updates it waits for
-    watch = Settling(len(active), cfg.settle_updates) if 0 < cfg.settle_updates < cfg.step_count else None
-    frozen = watch.frozen if watch is not None else [False] * len(active)
+    watch = Settling(len(slots), cfg.settle_updates) if 0 < cfg.settle_updates < cfg.step_count else None
+    frozen = watch.frozen if watch is not None else [False] * len(slots)
     drawn, drawn_for = None, None  # the last hypotheses drawn, and the frozen flags they were drawn under
     for i in range(cfg.step_count):
         flags = tuple(frozen)
@@ -237,39 +249,35 @@ def _adapt(call: _Call, active: list[int]) -> list[list[dict]]:
         if reuse is None:
             call.sample_seconds += hyps.seconds
             drawn, drawn_for = hyps, flags
-        for j, (b, entry) in enumerate(zip(active, entries)):
+        for j, entry in enumerate(entries):
             if not frozen[j]:
-                histories[b].append({"step": i, **entry})
+                histories[j].append({"step": i, **entry, **({"draw": j % cfg.draws} if cfg.draws > 1 else {})})
     if state is not None:
-        state.steps_taken += max(len(histories[b]) for b in active)
+        state.steps_taken += max(len(h) for h in histories)
     return histories
 
 
-def _transcribe_adapted(call: _Call, active: list[int], before: list[Transcript]):
-    """Phase 5: the adapted model's transcripts (the same rules, without the no-speech test: the source
-    decided that); the adapted cross-attention keys/values, for the judge."""
-    after = list(before)
-    if not active:
-        return after, None
+def _transcribe_adapted(call: _Call) -> tuple[list[Transcript], CrossKV | None]:
+    """Phase 5: each adapted copy's transcript (the same rules, without the no-speech test: the source decided
+    that); the adapted cross-attention keys/values, for the judge."""
+    if not call.slots:
+        return [], None
     rules = dataclasses.replace(call.inputs.rules(call.cfg), no_speech=None)
     with torch.no_grad():
         cross = call.encoder.adapted_cross(call.model, call.binding.over)
-        adapted = transcripts(call.model, call.processor, cross, [call.prompts[b] for b in active],
-                              [call.budgets[b] for b in active], rules, seed=call.cfg.seed, head=call.head,
+        adapted = transcripts(call.model, call.processor, cross, [call.prompts[b] for b in call.slots],
+                              [call.budgets[b] for b in call.slots], rules, seed=call.cfg.seed, head=call.head,
                               over=call.binding.over, num_beams=call.cfg.num_beams)
-    for b, t in zip(active, adapted):
-        after[b] = t
-        call.scores[b]["logprob_after"] = t.avg_logprob
-        if t.fallback:
-            call.scores[b]["fallback_after"] = t.temperature
-    return after, cross
+    return adapted, cross
 
 
-def _judge_phase(call: _Call, active: list[int], before, after, cross) -> dict[int, tuple]:
-    """Phase 6: the judge's verdicts on each adapted utterance (``{b: (verdicts, fired)}``)."""
-    if not active:
-        return {}
-    prompts = [call.prompts[b] for b in active]
+def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript], cross) -> tuple[list, dict]:
+    """Phase 6: the judge on every adapted copy, then per utterance what it returns: its adapted transcripts (the
+    one chosen, with several draws) and ``{b: (verdicts, fired)}``."""
+    after = list(before)
+    if not call.slots:
+        return after, {}
+    prompts = [call.prompts[b] for b in call.slots]
 
     def score_both(pairs):
         with torch.no_grad():
@@ -278,41 +286,59 @@ def _judge_phase(call: _Call, active: list[int], before, after, cross) -> dict[i
                 source = mean_logp(call.model, call.encoder.cross, prompts, pairs, call.head)
         return source, adapted
 
-    cases = [_judge.Case(before[b], after[b], call.waves[b], call.prompts[b].language, call.seconds[b], call.scores[b],
-                         call.budgets[b]) for b in active]
-    return dict(zip(active, _judge.judge(call.cfg, call.model, cases, score_both)))
+    draws = call.cfg.draws
+    scores = [call.scores[b] if draws == 1 else {} for b in call.slots]
+    cases = [_judge.Case(before[b], t, call.waves[b], call.prompts[b].language, call.seconds[b], sc, call.budgets[b])
+             for b, t, sc in zip(call.slots, adapted, scores)]
+    verdicts = _judge.judge(call.cfg, call.model, cases, score_both)
+    judged = {}
+    for lo in range(0, len(call.slots), draws):
+        b, own = call.slots[lo], range(lo, lo + draws)
+        pick, judged[b] = _judge.choose(before[b], [adapted[j] for j in own], [verdicts[j] for j in own],
+                                        call.prompts[b].language)
+        chosen = lo + max(pick - 1, 0)  # the draw returned, or the first where the unadapted transcript is
+        after[b] = adapted[chosen]
+        if draws > 1:
+            call.scores[b].update(scores[chosen], medoid=pick, draws=[t.text for t in adapted[lo:lo + draws]])
+        call.scores[b]["logprob_after"] = after[b].avg_logprob
+        if after[b].fallback:
+            call.scores[b]["fallback_after"] = after[b].temperature
+    return after, judged
 
 
 def _run(model, processor, waves: list, languages: list[str | None], cfg: AdaptConfig, state: State | None = None,
          inputs=WHISPER) -> list[AdaptResult]:
     """The pipeline on ``B = len(waves)`` windows (or a language model's prompts; see the module docstring)."""
     t_start = time.perf_counter()
-    call = _prepare(model, processor, waves, languages, cfg, state, inputs)
+    call = _prepare(model, processor, waves, languages, cfg, state, inputs)  # call.cfg: cfg with its draws resolved
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         _encode(call)
         before = _transcribe_source(call)
-        active, skipped = _gate(call, before)
-        histories = _adapt(call, active)
-        after, cross = _transcribe_adapted(call, active, before)
-        judged = _judge_phase(call, active, before, after, cross)
+        _, skipped = _gate(call, before)
+        histories = _adapt(call)
+        adapted, cross = _transcribe_adapted(call)
+        after, judged = _judge_phase(call, before, adapted, cross)
     finally:
         call.snapshot.restore(values=call.binding.direct and state is None)
     return _results(call, before, after, skipped, histories, judged, time.perf_counter() - t_start)
 
 
 def _results(call: _Call, before, after, skipped, histories, judged, elapsed: float) -> list[AdaptResult]:
-    """Per window: the adapted transcript, or the unadapted one where a guard fired, and the evidence."""
+    """Per window: the adapted transcript, or the unadapted one where a guard fired, and the evidence; the history
+    (and sampled tokens) of the draw returned, or of the first."""
     results = []
     for b in range(len(call.waves)):
         found, fired = judged.get(b, ({}, None))
-        kept = before[b] if fired else after[b]
+        kept = before[b] if fired or call.scores[b].get("medoid") == 0 else after[b]
+        own = [h for j, h in zip(call.slots, histories) if j == b]
+        history = own[max(call.scores[b].get("medoid", 1), 1) - 1] if own else []
         results.append(AdaptResult(
             text=kept.text, text_before=before[b].text, tokens=kept.ids, tokens_before=before[b].ids,
-            language=call.prompts[b].language, history=histories[b], seconds=elapsed,
-            sample_tokens=sum(h["tokens"] for h in histories[b]), sample_seconds=call.sample_seconds,
+            language=call.prompts[b].language, history=history, seconds=elapsed,
+            sample_tokens=sum(h["tokens"] for h in history), sample_seconds=call.sample_seconds,
             text_adapted=after[b].text, tokens_adapted=after[b].ids, guard=fired[0] if fired else None,
             guard_reason=fired[1] if fired else None, verdicts=found, scores=call.scores[b], skipped=skipped[b]))
     return results

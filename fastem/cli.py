@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .config import AdaptConfig
-from .judge import BEAM_GUARDS, DEFAULT_GUARDS, GUARDS, VOTED
+from .judge import BEAM_GUARDS, DEFAULT_GUARDS, GUARDS, TEXTUAL_GUARDS, VOTED
 from .objective import OBJECTIVES
 from .params import PARAM_SETS, check_param_spec
 
@@ -28,6 +28,18 @@ def _settle(text: str):
     return value
 
 
+def _draws(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of draws, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of draws >= 1, got {value}")
+    return value
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     d = AdaptConfig()
     p.add_argument("--model", default="base", help="tiny.en, base (bundled), a hub id or a local checkpoint dir")
@@ -42,6 +54,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--num-samples", type=int, default=d.num_samples, metavar="K",
                    help=f"hypotheses per step (default {d.num_samples})")
+    p.add_argument("--draws", type=_draws, default=d.draws, metavar="N",
+                   help="independent adaptations of each clip, their medoid returned (default auto: "
+                        f"{AdaptConfig().draw_count} greedy, {AdaptConfig(num_beams=2).draw_count} with --beams)")
     p.add_argument("--beams", type=int, default=d.num_beams, metavar="K",
                    help="decode every transcript by beam search with K beams (default 1: greedy)")
     p.add_argument("--params", type=_params, default=d.params, metavar="SET",
@@ -70,7 +85,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"how much less likely, per token (default {d.max_verifier_drop:g})")
     p.add_argument("--guards", type=_guard_names, default=d.guards, metavar="NAMES",
                    help=f"comma-separated guards that may reject the adapted transcript, 'none' for none "
-                        f"(default auto: {','.join(DEFAULT_GUARDS)}; with --beams > 1 {','.join(BEAM_GUARDS)}; "
+                        f"(default auto: {','.join(TEXTUAL_GUARDS)} with several draws, else {','.join(DEFAULT_GUARDS)}; "
+                        f"with --beams > 1 {','.join(BEAM_GUARDS)}; "
                         f"known: {','.join(GUARDS)})")
     for name, what in (("compression-ratio-threshold", "a transcript compressing more than this is a loop"),
                        ("logprob-threshold", "a transcript with a lower average log-prob per token is unlikely"),
@@ -172,13 +188,13 @@ def _config(args) -> AdaptConfig:
     asked = args.guards
     threshold = isinstance(args.max_seq_logp_drop, float)
     if asked == "auto" and (args.verifier is None or threshold):
-        asked = AdaptConfig(num_beams=args.beams).active_guards
+        asked = AdaptConfig(num_beams=args.beams, draws=args.draws).active_guards
     if asked != "auto":
         asked = tuple(asked) + (("likelihood",) if threshold and "likelihood" not in asked else ())
         asked = tuple(g for g in asked if g not in off)
     d = AdaptConfig()
     return AdaptConfig(steps=args.steps, stop_when_settled=args.stop_when_settled, objective=args.objective, lr=args.lr,
-                       num_samples=args.num_samples,
+                       num_samples=args.num_samples, draws=args.draws,
                        params=args.params, seed=args.seed,
                        min_entropy=d.min_entropy if args.min_entropy is None else args.min_entropy,
                        guards=asked, max_logp_drop=args.max_logp_drop,

@@ -21,14 +21,17 @@ __all__ = ["AdaptConfig", "AdaptResult"]
 #: and "Adapting with beam search"; ``min_entropy`` and ``temperature`` in "The gate, chosen leaving one domain
 #: out, with T = 0.7" (beam search kept the values it was measured with); ``max_seq_logp_drop`` in "The likelihood
 #: guard with greedy decoding" (named in ``guards`` to run) and "The likelihood guard with beams" (None: it abstains);
-#: ``guards`` in "The likelihood guard with greedy decoding" and "The verifier's own transcript as evidence".  A
-#: continual :class:`fastem.Adapter` resolves them as an episodic call does.
+#: ``guards`` in "The likelihood guard with greedy decoding" and "The verifier's own transcript as evidence" (with
+#: several draws the textual guards alone, :data:`fastem.judge.TEXTUAL_GUARDS`: the medoid judges the rest); ``draws``
+#: in "Two draws and their medoid".  A continual :class:`fastem.Adapter` resolves them as an episodic call does, but
+#: with one draw (it keeps one adapted copy), and so does a parameter set that adapts the model in place.
 AUTO = {
     "steps": (5, 10),
     "min_entropy": (1.4, 1.0),
     "temperature": (0.7, 1.0),
     "max_seq_logp_drop": (2.0, None),
     "guards": (_judge.DEFAULT_GUARDS, _judge.BEAM_GUARDS),
+    "draws": (2, 1),
 }
 
 
@@ -49,6 +52,13 @@ class AdaptConfig:
                     updates on DEV but was worse on CONFIRM (RESULTS.md "Stopping when the transcript has settled").
     lr:             AdamW learning rate (2e-3).
     num_samples:    K hypotheses drawn per step (8).
+    draws:          independent adaptations of each utterance (each from the source model, its own sampler seeded
+                    ``seed + d``, in one batch); with more than one the call returns the **medoid** of the unadapted
+                    transcript and the draws' adapted ones (the one nearest the others in words,
+                    :func:`fastem.judge.medoid`; ties to the unadapted), so a change one draw alone makes is outvoted.
+                    "auto" (default): 2 with greedy decoding (chosen on DEV: RESULTS.md, "Two draws and their
+                    medoid"), 1 with beam search, in a continual :class:`fastem.Adapter` and for parameter sets
+                    that adapt the model in place.  Each draw costs the steps once more.
     params:         the parameters that adapt: "layernorm" (every LayerNorm, the default),
                     "layernorm:decoder", "layernorm:encoder", "layernorm:topN", "decoder", "encoder",
                     "all", or a callable ``(name, parameter) -> bool`` (:mod:`fastem.params`).
@@ -71,10 +81,13 @@ class AdaptConfig:
                     (default): 1.4 with greedy decoding (chosen on DEV with the temperature below, leaving one
                     domain out: RESULTS.md, "The gate, chosen leaving one domain out"), 1.0 with beam search.
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
-                    one fires the unadapted transcript is returned; ``()``: none.  "auto" (default): with greedy
-                    decoding every one but "likelihood" and "agreement" (:data:`fastem.judge.DEFAULT_GUARDS`); with
-                    beam search the same with "agreement" in place of "verifier" (:data:`fastem.judge.BEAM_GUARDS`;
-                    RESULTS.md, "The verifier's own transcript as evidence").
+                    one fires the unadapted transcript is returned (with several draws: stands in for that draw's
+                    transcript before the medoid); ``()``: none.  "auto" (default): with greedy decoding and several
+                    draws the textual ones (:data:`fastem.judge.TEXTUAL_GUARDS`: empty, non-speech, repetition,
+                    length; the medoid stands in for the rest), with one draw every one but "likelihood" and
+                    "agreement" (:data:`fastem.judge.DEFAULT_GUARDS`); with beam search the same with "agreement" in
+                    place of "verifier" (:data:`fastem.judge.BEAM_GUARDS`; RESULTS.md, "The verifier's own transcript
+                    as evidence").
     max_logp_drop:  "confidence": most the source model's mean log-prob per token may fall (1.5 nats).
     max_seq_logp_drop: "likelihood" (not run by default; name it in ``guards``): most the source model's total
                     log-prob of the transcript may fall (nats);
@@ -134,6 +147,7 @@ class AdaptConfig:
     stop_when_settled: bool | int = False
     lr: float = 2e-3
     num_samples: int = 8
+    draws: int | str = "auto"
     params: Any = "layernorm"
     objective: str = "em"
     num_beams: int = 1
@@ -196,6 +210,8 @@ class AdaptConfig:
         if self.objective in POLICY_OBJECTIVES and self.baseline == "loo" and self.num_samples < 2:
             raise ValueError("baseline='loo' needs num_samples >= 2 (with one sample it is no baseline): raise "
                              "num_samples or pass baseline='none'")
+        if self.draws != "auto" and (isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1):
+            raise ValueError(f"draws must be 'auto' or an integer >= 1, got {self.draws!r}")
         if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) or self.sample_every < 1:
             raise ValueError(f"sample_every must be an integer >= 1 (1: fresh hypotheses every step), got "
                              f"{self.sample_every!r}")
@@ -283,8 +299,17 @@ class AdaptConfig:
         return float(self._auto("temperature"))
 
     @property
+    def draw_count(self) -> int:
+        """Independent adaptations per utterance: ``draws`` resolved (:data:`AUTO`; the pipeline takes 1 where only
+        one adapted copy can exist, a continual adapter or an in-place parameter set)."""
+        return self._auto("draws")
+
+    @property
     def active_guards(self) -> tuple:
-        """The guards this call runs: ``guards`` resolved (:data:`AUTO`)."""
+        """The guards this call runs: ``guards`` resolved (:data:`AUTO`; with greedy decoding and several draws
+        the textual guards alone, each draw's transcript facing them before the medoid)."""
+        if self.guards == "auto" and self.num_beams == 1 and self.draw_count > 1:
+            return _judge.TEXTUAL_GUARDS
         return self._auto("guards")
 
     @property
@@ -317,15 +342,18 @@ class AdaptResult:
                                  Whisper's fallback, 0 when the greedy one was kept), ``source_before``,
                                  ``source_after``, ``adapted_before``, ``adapted_after`` (the source and the
                                  adapted model's mean log-prob of each transcript), ``verifier`` (the checkpoint
-                                 that voted), ``verifier_before``, ``verifier_after`` or ``verifier_abstained``.
+                                 that voted), ``verifier_before``, ``verifier_after`` or ``verifier_abstained``;
+                                 with several draws ``draws`` (each draw's adapted transcript) and ``medoid`` (the
+                                 candidate returned: 0 the unadapted transcript, d draw d).
     language:                    the language code used (given or detected), None if unknown.
-    history:                     one dict per step: loss, entropy (mean token entropy of the step's
-                                 hypotheses, before the update), length, tokens, seconds, skipped (a
-                                 non-finite loss or gradient: no update) and reused (the step scored hypotheses
-                                 drawn at an earlier step, ``sample_every``; then also ess, their effective
-                                 number under the importance weights).
+    history:                     one dict per step (of the draw returned, or of the first; ``draw``: which): loss,
+                                 entropy (mean token entropy of the step's hypotheses, before the update), length,
+                                 tokens, seconds, skipped (a non-finite loss or gradient: no update) and reused (the
+                                 step scored hypotheses drawn at an earlier step, ``sample_every``; then also ess,
+                                 their effective number under the importance weights).
     seconds:                     wall time of the call (shared by the utterances of a batch).
-    sample_tokens / sample_seconds: tokens drawn by the sampling loop and the time spent in it.
+    sample_tokens / sample_seconds: tokens drawn by the sampling loop for the history's draw, and the time spent
+                                 in it (every draw).
     skipped:                     why nothing was adapted: "silence" (digital silence), "no_speech"
                                  (Whisper's no-speech rule), "confident" (the gate), else None.
     windows:                     for a recording over 30 s, the result of each window (cut at pauses,

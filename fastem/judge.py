@@ -29,8 +29,9 @@ from typing import Callable
 
 from .decoding import compression_ratio
 
-__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "BEAM_GUARDS", "SCORED", "VOTED", "agreement", "check",
-           "compression_ratio", "evidence", "first_fired", "gate", "longest_repeat", "looping", "sequence_logp", "verdicts"]
+__all__ = ["Evidence", "GUARDS", "DEFAULT_GUARDS", "BEAM_GUARDS", "SCORED", "TEXTUAL_GUARDS", "VOTED", "agreement",
+           "check", "choose", "compression_ratio", "evidence", "first_fired", "gate", "longest_repeat", "looping",
+           "medoid", "sequence_logp", "verdicts"]
 
 
 @dataclass
@@ -196,6 +197,44 @@ def agreement(ev: Evidence) -> str | None:
     return None
 
 
+def medoid(texts: list[str], language: str | None = None) -> int:
+    """Index of the transcript nearest the others: the smallest sum of word edit distances (after Whisper's
+    normalizer) to every other one of ``texts``; ties go to the earliest.  With the unadapted transcript first and
+    two independent adaptations after it, an adapted one is returned only when the two draws agree on it more
+    than either agrees with the unadapted transcript (a change one draw alone makes is outvoted)."""
+    from .text import word_errors
+
+    lang = language or "en"
+    cost = [sum(word_errors(t, other, lang)[0] for j, other in enumerate(texts) if j != i) for i, t in enumerate(texts)]
+    return cost.index(min(cost))
+
+
+def choose(before, drafts: list, judged: list[tuple[dict, tuple[str, str] | None]],
+           language: str | None = None) -> tuple[int, tuple[dict, tuple[str, str] | None]]:
+    """What one utterance returns of its adapted ``drafts`` (one per draw, :class:`fastem.decoding.Transcript`) given
+    each one's ``(verdicts, fired)``: ``(pick, (verdicts, fired))``, ``pick`` 0 for the unadapted transcript
+    ``before`` and ``d`` for draw ``d``.  One draw: its transcript unless a guard fired.  Several: a draw a guard
+    rejected stands as the unadapted transcript, and the :func:`medoid` of the unadapted transcript and the draws
+    is returned; when that is the unadapted one although a draw changed it, ``("medoid", reason)`` is what fired
+    (the verdicts are those of the draw returned, or of the first, with the medoid's)."""
+    if len(drafts) == 1:
+        found, fired = judged[0]
+        return (0 if fired else 1), (found, fired)
+    candidates = [before] + [before if fired else t for t, (_, fired) in zip(drafts, judged)]
+    pick = medoid([c.text for c in candidates], language)
+    found, fired = judged[max(pick - 1, 0)]
+    found = dict(found)
+    found["medoid"] = None
+    if pick:
+        return pick, (found, None)
+    changed = sum(c.ids != before.ids for c in candidates[1:])
+    if changed:
+        found["medoid"] = (f"{changed} of {len(drafts)} draws changed the transcript and their medoid is the "
+                           "unadapted one")
+        return 0, (found, ("medoid", found["medoid"]))
+    return 0, (found, fired or next((f for _, f in judged if f), None))
+
+
 GUARDS: dict[str, Callable[[Evidence], str | None]] = {
     "empty": empty,
     "non_speech": non_speech,
@@ -217,6 +256,9 @@ DEFAULT_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "
 #: checkpoint's own transcript (``agreement``) instead of its log-prob vote (``verifier``), chosen on DEV for the
 #: beam option (RESULTS.md, "The verifier's own transcript as evidence")
 BEAM_GUARDS = ("empty", "non_speech", "repetition", "length", "confidence", "consensus", "agreement")
+#: the guards that look at the two transcripts alone (no model): what each draw faces before the medoid of
+#: ``AdaptConfig(draws=2)``
+TEXTUAL_GUARDS = ("empty", "non_speech", "repetition", "length")
 #: the guards that need the second checkpoint (:mod:`fastem.verifier`)
 VOTED = frozenset({"verifier", "agreement"})
 #: the guards that judge by the source and the adapted model's scores of both transcripts (the loop computes

@@ -166,7 +166,7 @@ def test_non_finite_loss_skips_the_step_and_says_so(model, processor, monkeypatc
     monkeypatch.setattr(loop_module, "em_loss", nan_on_second)
     before = full_state(model)
     result = fastem.adapt(model, speechlike(), processor=processor, language="en", steps=3, num_samples=2, lr=1e-2,
-                          max_new_tokens=6)
+                          max_new_tokens=6, draws=1)
     assert [h["skipped"] for h in result.history] == [False, True, False]
     assert_same_state(model, before)
 
@@ -519,7 +519,7 @@ def test_stop_when_settled_in_a_batch_stops_each_utterance_as_alone(model, proce
     monkeypatch.setattr(loop_module.Settling, "settled", scripted)
     audios = [speechlike(2.0, seed=0), speechlike(1.2, seed=1), speechlike(2.6, seed=2)]
     kwargs = dict(processor=processor, language="en", num_samples=2, lr=0.05, seed=5, steps=8, max_new_tokens=3,
-                  stop_when_settled=True, min_entropy=0.0, guards=(), **PLAIN)
+                  stop_when_settled=True, min_entropy=0.0, guards=(), draws=1, **PLAIN)
     alone = []
     for u, audio in enumerate(audios):
         alone_as[0] = u
@@ -536,3 +536,50 @@ def test_stop_when_settled_in_a_batch_stops_each_utterance_as_alone(model, proce
     for a, b in zip(alone, batch):
         assert len(b.history) == len(a.history) and b.tokens_adapted == a.tokens_adapted
         assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4, abs=1e-4)
+
+
+DRAWS_KW = dict(language="en", steps=2, num_samples=2, lr=0.05, max_new_tokens=4, min_entropy=0.0, guards=(), **PLAIN)
+
+
+def test_two_draws_are_two_calls_and_their_medoid(model, processor):
+    """``draws=2`` adapts two copies in one batch, draw d sampling as a call with ``seed + d`` does, and returns the
+    medoid of the unadapted transcript and the two adapted ones, with the history of the draw returned."""
+    audio = speechlike()
+    before = full_state(model)
+    two = fastem.adapt(model, audio, processor=processor, draws=2, seed=3, **DRAWS_KW)
+    assert_same_state(model, before)
+    alone = [fastem.adapt(model, audio, processor=processor, draws=1, seed=s, **DRAWS_KW) for s in (3, 4)]
+    assert two.scores["draws"] == [r.text_adapted for r in alone] and two.text_before == alone[0].text_before
+    texts = [two.text_before] + two.scores["draws"]
+    pick = fastem.judge.medoid(texts, "en")
+    assert two.scores["medoid"] == pick and two.text == texts[pick]
+    assert two.text_adapted == alone[max(pick, 1) - 1].text_adapted
+    assert [h["draw"] for h in two.history] == [max(pick, 1) - 1] * 2
+    assert [h["loss"] for h in two.history] == pytest.approx([h["loss"] for h in alone[max(pick, 1) - 1].history],
+                                                             rel=1e-4, abs=1e-4)
+    assert (two.guard == "medoid") == (pick == 0 and any(t != two.text_before for t in two.scores["draws"]))
+
+
+def test_two_draws_in_a_batch_are_what_each_utterance_gets_alone(model, processor):
+    audios = [speechlike(1.5, seed=0), speechlike(2.2, seed=1)]
+    batch = fastem.adapt_batch(model, audios, processor=processor, draws=2, **DRAWS_KW)
+    for audio, got in zip(audios, batch):
+        alone = fastem.adapt(model, audio, processor=processor, draws=2, **DRAWS_KW)
+        assert got.scores["draws"] == alone.scores["draws"] and got.text == alone.text
+
+
+def test_draws_resolve_to_one_where_only_one_copy_can_adapt(model, processor):
+    kw = dict(processor=processor, **DRAWS_KW)
+    assert AdaptConfig().draw_count == 2 and AdaptConfig(num_beams=3).draw_count == 1
+    assert "draws" not in fastem.adapt(model, speechlike(), params="all", **kw).scores  # "auto": one draw in place
+    with pytest.raises(ValueError, match="draws=2 needs a copy .* adapts the model in place"):
+        fastem.adapt(model, speechlike(), params="all", draws=2, **kw)
+    settings = {k: v for k, v in DRAWS_KW.items() if k != "language"}
+    with fastem.Adapter(model, processor, **settings) as adapter:  # continual: one adapted copy
+        assert "draws" not in adapter.adapt(speechlike(), language="en").scores
+    with fastem.Adapter(model, processor, draws=2, **settings) as adapter:
+        with pytest.raises(ValueError, match="a continual Adapter keeps one"):
+            adapter.adapt(speechlike(), language="en")
+    for bad in (0, -1, 1.5, True, "two"):
+        with pytest.raises(ValueError, match="draws must be"):
+            AdaptConfig(draws=bad)

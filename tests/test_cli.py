@@ -212,8 +212,11 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "0"]) == 0
     assert seq_drops[-1] == 0.0 and seq_drops[0] == fastem.AdaptConfig().max_seq_logp_drop == "auto"
     assert "likelihood" in seen[-1] and "likelihood" not in seen[0]  # a threshold runs the guard the default leaves out
-    assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "none"]) == 0
+    assert main(["transcribe", files["good"], "--adapt", "--max-seq-logp-drop", "none", "--draws", "1"]) == 0
     assert "likelihood" not in seen[-1] and "verifier" in seen[-1]
+    assert main(["transcribe", files["good"], "--adapt", "--draws", "1"]) == 0
+    assert seen[-1] == judge.DEFAULT_GUARDS  # one draw: the scored guards and the verifier's vote judge it
+    assert seen[-3] == judge.TEXTUAL_GUARDS + ("likelihood",)  # two draws (auto): a threshold adds the guard
     assert main(["transcribe", files["good"], "--adapt", "--beams", "2"]) == 0
     assert seen[-1] == judge.BEAM_GUARDS  # with beams the default judge asks the verifier what it hears
     assert main(["transcribe", files["good"], "--adapt", "--beams", "2", "--verifier", "none"]) == 0

@@ -70,7 +70,7 @@ def test_verifier_fires_past_its_threshold_and_abstains_without_scores():
     assert judge.verifier(evidence(after="the cap", ta=[0, 9])) is None  # no verifier (or it abstained)
     assert judge.verifier(evidence(verifier_logp_before=-0.1, verifier_logp_after=-5.0)) is None  # nothing changed
     assert "verifier" in judge.DEFAULT_GUARDS  # the second checkpoint is AdaptConfig.verifier ("auto" by default)
-    assert fastem.AdaptConfig(verifier="base").active_guards[-1] == "verifier"
+    assert fastem.AdaptConfig(verifier="base", draws=1).active_guards[-1] == "verifier"
 
 
 def test_confidence_at_zero_accepts_only_what_the_source_model_also_prefers():
@@ -107,7 +107,10 @@ def test_likelihood_compares_whole_transcripts_not_per_token_means():
 def test_guards_names_every_guard_that_runs(processor):
     """One switch: ``guards`` names every guard that runs, the likelihood guard and the verifier included;
     their settings are thresholds only, and asking for a guard without what it needs is an error."""
-    assert fastem.AdaptConfig().guards == "auto" and fastem.AdaptConfig().active_guards == judge.DEFAULT_GUARDS
+    assert fastem.AdaptConfig().guards == "auto" and fastem.AdaptConfig(draws=1).active_guards == judge.DEFAULT_GUARDS
+    # two draws (the greedy default): the textual guards on each, the medoid in place of the scored and voted ones
+    assert fastem.AdaptConfig().active_guards == judge.TEXTUAL_GUARDS == ("empty", "non_speech", "repetition", "length")
+    assert fastem.AdaptConfig(draws=2, guards=("verifier",)).active_guards == ("verifier",)  # named: as named
     # with beams the second checkpoint's own transcript (agreement) replaces its log-prob vote (DEV, RESULTS.md)
     assert fastem.AdaptConfig(num_beams=5).active_guards == judge.BEAM_GUARDS
     assert set(judge.BEAM_GUARDS) == set(judge.DEFAULT_GUARDS) - {"verifier"} | {"agreement"}
@@ -119,7 +122,8 @@ def test_guards_names_every_guard_that_runs(processor):
     assert fastem.AdaptConfig(guards=()).guards == ()
     assert fastem.AdaptConfig(guards=("likelihood",), verifier=None).guards == ("likelihood",)
     with pytest.raises(ValueError, match="leave 'verifier' out of guards"):
-        fastem.AdaptConfig(verifier=None)
+        fastem.AdaptConfig(verifier=None, draws=1)
+    assert fastem.AdaptConfig(verifier=None).active_guards == judge.TEXTUAL_GUARDS  # two draws need no verifier
     with pytest.raises(ValueError, match="leave 'agreement' out of guards"):
         fastem.AdaptConfig(guards=("agreement",), verifier=None)
     with pytest.raises(ValueError, match="leave 'likelihood' out of guards"):
@@ -241,7 +245,7 @@ def test_confidence_scores_are_the_source_models_log_probs(processor):
     model = tiny_whisper()
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
     result = fastem.adapt(model, audio, processor=processor, language="en", steps=2, num_samples=2, lr=1e-2,
-                          max_new_tokens=6)
+                          max_new_tokens=6, draws=1)
     feats = processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt").input_features
     for key, toks in (("source_before", result.tokens_before), ("source_after", result.tokens_adapted)):
         assert result.scores[key] == pytest.approx(teacher_forced_mean_logp(model, feats, toks), abs=1e-4)
@@ -320,3 +324,36 @@ def test_agreement_sides_with_the_transcript_the_verifier_hears():
     # Words are normalized in the call's language (Czech: the basic normalizer, accents kept).
     assert judge.agreement(heard("řekl že ano", "řekl že ne", "Řekl, že ano!", language="cs")) is not None
     assert "agreement" in judge.GUARDS and "agreement" not in judge.DEFAULT_GUARDS
+
+
+def test_medoid_is_the_transcript_nearest_the_others_ties_to_the_first():
+    assert judge.medoid(["the cat sat", "the cat sat down", "the cat sat down"]) == 1
+    assert judge.medoid(["the cat sat", "the dog sat", "the cat ran"]) == 0  # each change made by one draw alone
+    assert judge.medoid(["The cat, sat.", "the cat sat", "a cat sat"]) == 0  # Whisper's normalizer: the first two agree
+    assert judge.medoid(["a", "b"]) == 0  # a tie goes to the earliest
+    assert judge.medoid(["x y z", "x y", "x y", "x"]) == 1
+    assert judge.medoid(["dobrý den", "dobrý den", "dobry den"], "cs") == 0
+
+
+def _transcript(text):
+    return SimpleNamespace(text=text, ids=[sum(map(ord, w)) for w in text.split()])
+
+
+def test_choose_returns_a_change_only_when_the_draws_agree_on_it():
+    before, change, other = _transcript("the cat sat on the mat"), _transcript("the cat sat on a mat"), \
+        _transcript("the bat sat on the mat")
+    ok, fired = ({"empty": None}, None), ({"length": "too long"}, ("length", "too long"))
+    assert judge.choose(before, [change], [ok]) == (1, ok)  # one draw: its transcript unless a guard fired
+    assert judge.choose(before, [change], [fired]) == (0, fired)
+    pick, (found, why) = judge.choose(before, [change, change], [ok, ok])
+    assert pick == 1 and why is None and found == {"empty": None, "medoid": None}
+    pick, (found, why) = judge.choose(before, [change, other], [ok, ok])  # each draw changes another word
+    assert pick == 0 and why[0] == "medoid" and "2 of 2 draws" in why[1] and found["medoid"] == why[1]
+    pick, (_, why) = judge.choose(before, [change, change], [fired, ok])  # a rejected draw stands as the unadapted
+    assert pick == 0 and why[0] == "medoid" and "1 of 2 draws" in why[1]
+    assert judge.choose(before, [change, other], [fired, fired])[1][1] == ("length", "too long")
+    assert judge.choose(before, [before, before], [ok, ok]) == (0, ({"empty": None, "medoid": None}, None))
+    # three draws: two agreeing against the third tie with the unadapted transcript (3 words each), which a tie keeps
+    assert judge.choose(before, [change, other, change], [ok, ok, ok])[0] == 0
+    assert judge.choose(before, [other, change, change], [ok, ok, ok])[0] == 0
+    assert judge.choose(before, [other, change, change, change], [ok, ok, ok, ok])[0] == 2

@@ -62,7 +62,7 @@ def test_the_verifier_votes_in_the_loop(processor, monkeypatch):
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
     _force_change(monkeypatch)
     kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
-              guards=("verifier",), verifier="judge-checkpoint")
+              guards=("verifier",), verifier="judge-checkpoint", draws=1)
     loose = fastem.adapt(model, audio, max_verifier_drop=100.0, **kw)
     assert loaded == ["judge-checkpoint"] and loose.guard is None and loose.text == "hello world"
     assert loose.scores["verifier"] == "judge-checkpoint" and loose.verdicts == {"verifier": None}
@@ -123,7 +123,7 @@ def test_a_bad_verifier_fails_without_changing_the_model(processor, tmp_path, mo
     for params in ("layernorm", "all"):
         with pytest.raises(Exception):
             fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=4,
-                         min_entropy=0.0, params=params, verifier=str(tmp_path / "no-such-checkpoint"))
+                         min_entropy=0.0, params=params, verifier=str(tmp_path / "no-such-checkpoint"), draws=1)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -176,6 +176,9 @@ def test_the_default_loads_the_auto_verifier_in_the_loop(processor, monkeypatch)
     _force_change(monkeypatch)
     fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
                  min_entropy=0.0)
+    assert loaded == []  # two draws (the default): their medoid, no verifier
+    fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
+                 min_entropy=0.0, draws=1)
     assert loaded == ["base"]
     fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
                  min_entropy=0.0, guards=())

@@ -331,7 +331,7 @@ def _hash(obj: Any) -> str:
 
 #: AdaptConfig fields added after rows were first written, with the value that changes nothing.
 _NEUTRAL_SETTINGS = {"min_entropy": 0.0, "verifier": None, "max_seq_logp_drop": None, "num_beams": 1,
-                     "encoder_context": "full", "sample_every": 1}
+                     "encoder_context": "full", "sample_every": 1, "draws": 1}
 #: thresholds that change nothing while the setting they belong to is off (a verifier's drop without a verifier).
 _NEUTRAL_WITHOUT = {"max_verifier_drop": "verifier"}
 
@@ -347,7 +347,8 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
         # every "auto" recorded as what the call uses (fastem.config.AUTO), so a row keeps its key whether its
         # setting was written out or left to "auto"
         d = {**dataclasses.asdict(cfg), "max_seq_logp_drop": cfg.seq_logp_limit, "steps": cfg.step_count,
-             "guards": cfg.active_guards, "min_entropy": cfg.gate_entropy, "temperature": cfg.sample_temperature}
+             "guards": cfg.active_guards, "min_entropy": cfg.gate_entropy, "temperature": cfg.sample_temperature,
+             "draws": cfg.draw_count}
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
         d = dict(overrides)
     d.pop("backend", None)  # the kernel backend does not change the result beyond float rounding

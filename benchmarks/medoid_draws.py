@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Two adapted draws of the same rows composed offline into their medoid, as a new method (no model needed).
+
+    python benchmarks/medoid_draws.py benchmarks/results/dev_base_t07_seeds_rows.jsonl \\
+        --draws fastem_t07,fastem_t07_s1 --min-entropy 1.4 --as medoid --out out/dev_base_medoid.jsonl
+    python benchmarks/paired.py out/dev_base_medoid.jsonl --pair medoid:none --pair medoid:fastem_t07+fastem_t07_s1
+
+Per utterance: where the gate (``--min-entropy``, raised offline as in ``redecide.py``) lets the first draw's row
+through, each draw's adapted transcript (``hyp_adapted``, whatever its guards said) faces the textual guards
+(``fastem.judge.TEXTUAL_GUARDS``; failing, it is replaced by the unadapted transcript), and the row returns
+``fastem.judge.medoid`` of [unadapted, draw 1, draw 2]: the candidate nearest the other two by word edit distance,
+ties to the unadapted.  This is what ``AdaptConfig(draws=2)`` returns for those two draws.  Writes every input row,
+then one row per utterance under ``--as`` (``medoid_pick``: 0 unadapted, 1 or 2 the draw).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastem import judge  # noqa: E402
+from guard_sweep import normalized  # noqa: E402
+from harness.report import score  # noqa: E402
+from redecide import write_rows  # noqa: E402
+
+
+def key(row: dict) -> tuple[str, str]:
+    return row["domain"], row["utt_id"]
+
+
+def candidate(row: dict, unadapted: dict) -> str:
+    """The draw's adapted transcript, or the unadapted one (of the row ``unadapted``) where a textual guard fires."""
+    n = {**normalized(row), "before": unadapted["text_before"], "tokens_before": unadapted.get("tokens_before")}
+    exact = n["tokens_before"] is not None and n["tokens_adapted"] is not None
+    ev = judge.Evidence(text_before=n["before"], text_after=n["adapted"],
+                        tokens_before=n["tokens_before"] if exact else n["before"].split(),
+                        tokens_after=n["tokens_adapted"] if exact else n["adapted"].split(), seconds=n["seconds"],
+                        max_length_ratio=(row.get("adapt") or {}).get("max_length_ratio", 2.0))
+    return n["before"] if judge.check(ev, judge.TEXTUAL_GUARDS) else n["adapted"]
+
+
+def compose(first: dict, second: dict, name: str, min_entropy: float) -> dict:
+    s = first.get("scores") or {}
+    adapted = first.get("steps_done", 0) > 0 and second.get("steps_done", 0) > 0
+    if not adapted or (s.get("entropy_before", 0.0) < min_entropy and not s.get("needed_fallback")):
+        hyp, pick = first["text_before"], 0
+    else:
+        texts = [first["text_before"], candidate(first, first), candidate(second, first)]
+        pick = judge.medoid(texts, first.get("language"))
+        hyp = texts[pick]
+    return {**first, "method": name, "hyp": hyp, "errors": score(first["ref"], hyp, first["language"])[0],
+            "changed": hyp != first["text_before"], "medoid_pick": pick,
+            "medoid_of": [first["method"], second["method"]], "redecided": {"min_entropy": min_entropy}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rows", help="a rows file of the domain benchmark holding both draws")
+    ap.add_argument("--draws", required=True, metavar="A,B", help="the two adapted methods (draws of one recipe)")
+    ap.add_argument("--min-entropy", type=float, default=0.0, help="the gate, raised offline (default: the rows')")
+    ap.add_argument("--as", dest="name", required=True, help="the name of the composed method")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    rows = [json.loads(line) for line in open(args.rows) if line.strip()]
+    a, b = args.draws.split(",")
+    first = {key(r): r for r in rows if r.get("method") == a and r.get("hyp_adapted") is not None}
+    second = {key(r): r for r in rows if r.get("method") == b and r.get("hyp_adapted") is not None}
+    if not first or first.keys() != second.keys():
+        raise SystemExit(f"{args.rows}: draws {a!r} and {b!r} must cover the same utterances "
+                         f"({len(first)} and {len(second)} rows)")
+    # Whisper's fallback samples, so where it ran the two draws' unadapted transcripts can differ: the call makes
+    # one, so the first draw's stands for both (the second draw's textual guards judge against it too)
+    differ = sum(r["text_before"] != second[k]["text_before"] for k, r in first.items())
+    new = [compose(first[k], second[k], args.name, args.min_entropy) for k in first]
+    write_rows(args.out, rows + new)
+    picks = [n["medoid_pick"] for n in new]
+    print(f"{len(new)} utterances composed as {args.name}: unadapted {picks.count(0)}, draw 1 {picks.count(1)}, "
+          f"draw 2 {picks.count(2)}; the draws' unadapted transcripts differ on {differ} (the first's kept)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
