@@ -16,28 +16,23 @@ from .params import PARAM_SETS, check_param_spec
 __all__ = ["main", "build_parser"]
 
 
-def _settle(text: str):
-    if text == "off":
-        return False
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected off or a number of updates, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of updates >= 1, got {value}")
-    return value
+def _count(word: str, what: str, value):
+    """A parser of a count of ``what`` (>= 1), or the word ``word`` standing for ``value``."""
+    def parse(text: str):
+        if text == word:
+            return value
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {word} or a number of {what}, got {text!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"expected a number of {what} >= 1, got {n}")
+        return n
+    return parse
 
 
-def _draws(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number of draws, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of draws >= 1, got {value}")
-    return value
+_settle = _count("off", "updates", False)
+_draws = _count("auto", "draws", "auto")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:

@@ -244,6 +244,12 @@ def test_decoding_options_reach_transcribe_and_adapt(files, fake_model, monkeypa
     for bad in ("0", "soon", "auto"):
         with pytest.raises(SystemExit):
             main(["transcribe", files["good"], "--adapt", "--stop-when-settled", bad])
+    for value, draws in (("auto", 2), ("1", 1), ("3", 3)):
+        assert main(["transcribe", files["good"], "--adapt", "--draws", value]) == 0
+        assert seen[-1].draw_count == draws
+    for bad in ("0", "two", "off"):
+        with pytest.raises(SystemExit):
+            main(["transcribe", files["good"], "--adapt", "--draws", bad])
     for value in ("layernorm:encoder", "layernorm:top2", "all"):  # every set the library takes, not a subset
         assert main(["transcribe", files["good"], "--adapt", "--params", value]) == 0
         assert seen[-1].params == value
