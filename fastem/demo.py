@@ -41,6 +41,8 @@ def _decided(res) -> str:
         return "gate: sure of it"
     if res.skipped:
         return res.skipped
+    if res.guard == "medoid":
+        return "medoid: the draws disagree"
     if res.guard:
         return f"guard: {res.guard}"
     return "adapted" if res.text != res.text_before else "adapted, same text"
@@ -56,7 +58,7 @@ def run_demo(*, model_name: str = "base", device=None, snrs=(None, 5.0, -3.0), c
     cfg = config or AdaptConfig()
     t0 = time.perf_counter()
     model, processor = load_whisper(model_name, device=device)
-    print(f"fastem demo: Whisper {model_name} (loaded in {time.perf_counter() - t0:.1f} s); adapting {cfg.step_count} steps, "
+    print(f"fastem demo: Whisper {model_name} (loaded in {time.perf_counter() - t0:.1f} s); adapting {cfg.draw_count} x {cfg.step_count} steps, "
           f"objective={cfg.objective}, K={cfg.num_samples}, params={cfg.params}, lr={cfg.lr:g}", flush=True)
     rows = []
     for snr in snrs:

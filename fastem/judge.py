@@ -1,6 +1,6 @@
 """The judge: every check that decides what a call returns, in one place.
 
-Three kinds of check, each a small function of the evidence it names:
+Four kinds of check, each a small function of the evidence it names:
 
 * **The gate** (before adapting): an utterance the source model is already sure of is not adapted
   (:func:`gate`: mean next-token entropy along its greedy transcript below ``min_entropy``), unless
@@ -15,6 +15,9 @@ Three kinds of check, each a small function of the evidence it names:
   adaptation introduced: if the unadapted transcript already has it, adapting did not cause it.
 * **The verifier** (:mod:`fastem.verifier`), a second checkpoint's vote: loaded only when some
   transcript changed, once per process (``fastem.verifier.clear()`` releases it).
+* **The medoid** (:func:`choose`, with ``AdaptConfig.draws`` > 1): each draw's transcript faces the guards, a
+  rejected one standing as the unadapted transcript, and the call returns the :func:`medoid` of the unadapted
+  transcript and the draws': a change is kept only when the draws agree on it.
 
 ``AdaptConfig.guards`` names every guard that runs (``()``: none; ``"auto"``: :data:`DEFAULT_GUARDS` with greedy
 decoding, :data:`BEAM_GUARDS` with beam search); the thresholds are the config's judge fields.
