@@ -58,8 +58,9 @@ def run_demo(*, model_name: str = "base", device=None, snrs=(None, 5.0, -3.0), c
     cfg = config or AdaptConfig()
     t0 = time.perf_counter()
     model, processor = load_whisper(model_name, device=device)
-    print(f"fastem demo: Whisper {model_name} (loaded in {time.perf_counter() - t0:.1f} s); adapting {cfg.draw_count} x {cfg.step_count} steps, "
-          f"objective={cfg.objective}, K={cfg.num_samples}, params={cfg.params}, lr={cfg.lr:g}", flush=True)
+    print(f"fastem demo: Whisper {model_name} (loaded in {time.perf_counter() - t0:.1f} s); adapting {cfg.draw_count} "
+          f"draw(s) x {cfg.step_count} steps, objective={cfg.objective}, K={cfg.num_samples}, params={cfg.params}, "
+          f"lr={cfg.lr:g}", flush=True)
     rows = []
     for snr in snrs:
         audio, reference, what = noisy_sample(snr)
