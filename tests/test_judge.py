@@ -132,7 +132,8 @@ def test_guards_names_every_guard_that_runs(processor):
     res = fastem.adapt(tiny_whisper(), torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1,
                        processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
                        guards=("empty",))
-    assert list(res.verdicts) == ["empty"] and "source_before" not in res.scores and "verifier" not in res.scores
+    assert list(res.verdicts) == ["empty", "medoid"]  # two draws (the default): the medoid's verdict beside it
+    assert "source_before" not in res.scores and "verifier" not in res.scores
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="max_seq_logp_drop"):
             fastem.AdaptConfig(max_seq_logp_drop=bad)
