@@ -202,8 +202,8 @@ def _transcribe_source(call: _Call) -> list[Transcript]:
     return before
 
 
-def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | None]]:
-    """Phase 3: the utterances that adapt, and why each other one does not; each one that adapts gets
+def _gate(call: _Call, before: list[Transcript]) -> list[str | None]:
+    """Phase 3: why each utterance that does not adapt does not (None: it adapts); each one that adapts gets
     ``cfg.draws`` copies of the adapted parameters (``call.slots``)."""
     skipped: list[str | None] = []
     for t in before:
@@ -218,7 +218,7 @@ def _gate(call: _Call, before: list[Transcript]) -> tuple[list[int], list[str | 
     if call.slots and call.slots != list(range(len(before))):  # some not adapted, or several draws of each
         call.binding = Binding(call.model, call.binding.named, len(call.slots))
         call.encoder = call.encoder.select(call.slots)
-    return active, skipped
+    return skipped
 
 
 def _adapt(call: _Call) -> list[list[dict]]:
@@ -317,7 +317,7 @@ def _run(model, processor, waves: list, languages: list[str | None], cfg: AdaptC
             p.requires_grad_(False)
         _encode(call)
         before = _transcribe_source(call)
-        _, skipped = _gate(call, before)
+        skipped = _gate(call, before)
         histories = _adapt(call)
         adapted, cross = _transcribe_adapted(call)
         after, judged = _judge_phase(call, before, adapted, cross)
