@@ -332,8 +332,10 @@ class AdaptResult:
                                  guard fired.
     text_before / tokens_before: the source model's transcript (before any adaptation, also in a
                                  continual :class:`fastem.Adapter`), by Whisper's rules (:mod:`fastem.decoding`).
-    text_adapted / tokens_adapted: the adapted model's transcript, whether or not a guard fired.
-    guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted).
+    text_adapted / tokens_adapted: the adapted model's transcript, whether or not a guard fired (with several
+                                 draws: the draw returned, or the first; every draw's is in ``scores["draws"]``).
+    guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted);
+                                 "medoid": the draws changed the transcript but did not agree on a change.
     verdicts:                    every guard that ran: its reason when it fired, else None.
     scores:                      the evidence: ``entropy_before`` (the gate's), ``logprob_before`` /
                                  ``logprob_after`` (average log-prob of each transcript under the model that
