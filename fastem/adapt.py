@@ -224,8 +224,9 @@ def _gate(call: _Call, before: list[Transcript]) -> list[str | None]:
 def _adapt(call: _Call) -> list[list[dict]]:
     """Phase 4: ``cfg.step_count`` optimizer steps on every adapted copy (``call.slots``; fewer for one whose greedy
     transcript has settled, with ``cfg.stop_when_settled``); each copy's history.  Draw ``d`` of an utterance samples
-    from its own generator seeded ``cfg.seed + d``.  Fresh hypotheses are drawn every ``cfg.sample_every`` steps, and
-    whenever the copies still stepping have changed since the last draw."""
+    from its own generator seeded ``cfg.seed * cfg.draws + d`` (so calls with other seeds share no draw).  Fresh
+    hypotheses are drawn every ``cfg.sample_every`` steps, and whenever the copies still stepping have changed since
+    the last draw."""
     slots = call.slots
     histories: list[list[dict]] = [[] for _ in slots]
     if not slots:
@@ -233,7 +234,8 @@ def _adapt(call: _Call) -> list[list[dict]]:
     cfg, state = call.cfg, call.state
     optimizer = state.optimizer if state is not None else make_optimizer(cfg, call.binding.tensors)
     device = call.head.weight.device
-    generators = [torch.Generator(device=device).manual_seed(cfg.seed + j % cfg.draws) for j in range(len(slots))]
+    generators = [torch.Generator(device=device).manual_seed(cfg.seed * cfg.draws + j % cfg.draws)
+                  for j in range(len(slots))]
     prompts, budgets = [call.prompts[b] for b in slots], [call.budgets[b] for b in slots]
     # the rule can fire only with more steps than the updates it waits for
     watch = Settling(len(slots), cfg.settle_updates) if 0 < cfg.settle_updates < cfg.step_count else None

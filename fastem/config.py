@@ -53,7 +53,8 @@ class AdaptConfig:
     lr:             AdamW learning rate (2e-3).
     num_samples:    K hypotheses drawn per step (8).
     draws:          independent adaptations of each utterance (each from the source model, its own sampler seeded
-                    ``seed + d``, in one batch); with more than one the call returns the **medoid** of the unadapted
+                    ``seed * draws + d``, in one batch: seed 0 draws as one-draw calls with seeds 0 and 1 do, and calls
+                    with other seeds share no draw); with more than one the call returns the **medoid** of the unadapted
                     transcript and the draws' adapted ones (the one nearest the others in words,
                     :func:`fastem.judge.medoid`; ties to the unadapted), so a change one draw alone makes is outvoted.
                     "auto" (default): 2 with greedy decoding (chosen on DEV: RESULTS.md, "Two draws and their
