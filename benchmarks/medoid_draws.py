@@ -23,30 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastem import judge  # noqa: E402
-from guard_sweep import normalized  # noqa: E402
+from gate_beams import greedy_gate, key  # noqa: E402
+from guard_sweep import decide, normalized  # noqa: E402
 from harness.report import score  # noqa: E402
 from redecide import write_rows  # noqa: E402
 
 
-def key(row: dict) -> tuple[str, str]:
-    return row["domain"], row["utt_id"]
-
-
 def candidate(row: dict, unadapted: dict) -> str:
-    """The draw's adapted transcript, or the unadapted one (of the row ``unadapted``) where a textual guard fires."""
+    """The draw's adapted transcript, or the unadapted one (of the row ``unadapted``) where a textual guard
+    (``fastem.judge.TEXTUAL_GUARDS``: ``decide`` with no threshold but the length ratio) fires."""
     n = {**normalized(row), "before": unadapted["text_before"], "tokens_before": unadapted.get("tokens_before")}
-    exact = n["tokens_before"] is not None and n["tokens_adapted"] is not None
-    ev = judge.Evidence(text_before=n["before"], text_after=n["adapted"],
-                        tokens_before=n["tokens_before"] if exact else n["before"].split(),
-                        tokens_after=n["tokens_adapted"] if exact else n["adapted"].split(), seconds=n["seconds"],
-                        max_length_ratio=(row.get("adapt") or {}).get("max_length_ratio", 2.0))
-    return n["before"] if judge.check(ev, judge.TEXTUAL_GUARDS) else n["adapted"]
+    return decide(n, None, (row.get("adapt") or {}).get("max_length_ratio", 2.0))
 
 
 def compose(first: dict, second: dict, name: str, min_entropy: float) -> dict:
-    s = first.get("scores") or {}
     adapted = first.get("steps_done", 0) > 0 and second.get("steps_done", 0) > 0
-    if not adapted or (s.get("entropy_before", 0.0) < min_entropy and not s.get("needed_fallback")):
+    if not adapted or greedy_gate(first, min_entropy):
         hyp, pick = first["text_before"], 0
     else:
         texts = [first["text_before"], candidate(first, first), candidate(second, first)]

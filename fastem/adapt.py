@@ -165,12 +165,12 @@ def _prepare(model, processor, waves, languages, cfg: AdaptConfig, state: State 
     """Phase 1a, before the snapshot is taken: token budgets and the adapted parameters (this call's copies,
     or a continual adapter's)."""
     binding = state.binding if state is not None else Binding(model, select_parameters(model, cfg.params), len(waves))
-    if cfg.draw_count > 1 and (state is not None or binding.direct):
-        if cfg.draws != "auto":
-            raise ValueError(f"draws={cfg.draws} needs a copy of the adapted parameters per draw: "
-                             + ("a continual Adapter keeps one" if state is not None else
-                                f"params={cfg.params!r} adapts the model in place") + " (use draws=1)")
-    cfg = dataclasses.replace(cfg, draws=cfg.draw_count if state is None and not binding.direct else 1)
+    one_copy = state is not None or binding.direct
+    if one_copy and cfg.draws not in ("auto", 1):
+        raise ValueError(f"draws={cfg.draws} needs a copy of the adapted parameters per draw: "
+                         + ("a continual Adapter keeps one" if state is not None else
+                            f"params={cfg.params!r} adapts the model in place") + " (use draws=1)")
+    cfg = dataclasses.replace(cfg, draws=1 if one_copy else cfg.draw_count)
     snapshot = ModelSnapshot(model, binding.direct_params)
     source = (state.source if state is not None and state.source is not None else snapshot) if binding.direct else None
     learnt = state is not None and state.source is not None and state.steps_taken > 0
@@ -334,7 +334,7 @@ def _results(call: _Call, before, after, skipped, histories, judged, elapsed: fl
     results = []
     for b in range(len(call.waves)):
         found, fired = judged.get(b, ({}, None))
-        kept = before[b] if fired or call.scores[b].get("medoid") == 0 else after[b]
+        kept = before[b] if fired else after[b]  # (a medoid of 0 unfired: every draw kept the unadapted tokens)
         own = [h for j, h in zip(call.slots, histories) if j == b]
         history = own[max(call.scores[b].get("medoid", 1), 1) - 1] if own else []
         results.append(AdaptResult(

@@ -207,8 +207,9 @@ def medoid(texts: list[str], language: str | None = None) -> int:
     than either agrees with the unadapted transcript (a change one draw alone makes is outvoted)."""
     from .text import word_errors
 
-    lang = language or "en"
-    cost = [sum(word_errors(t, other, lang)[0] for j, other in enumerate(texts) if j != i) for i, t in enumerate(texts)]
+    lang, n = language or "en", len(texts)
+    apart = {(i, j): word_errors(texts[i], texts[j], lang)[0] for i in range(n) for j in range(i + 1, n)}  # symmetric
+    cost = [sum(apart[min(i, j), max(i, j)] for j in range(n) if j != i) for i in range(n)]
     return cost.index(min(cost))
 
 
