@@ -250,7 +250,7 @@ def tradeoff(rows: list[dict], base: list[tuple[int, int]], drops: list[float]) 
     """The harm / gain trade-off: every library default (gate, length, consensus) with the confidence guard's
     ``max_logp_drop`` at each of ``drops`` (0: the source model must not find the adapted transcript any less
     likely than its own greedy one)."""
-    lib = AdaptConfig()
+    lib = AdaptConfig(num_beams=1)  # the greedy rows these sweeps read
     return [{"drop": drop, **evaluate(rows, base, library_rule(lib, max_drop=drop))} for drop in drops]
 
 
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
             with open(args.save, "w") as f:
                 for r, row in zip(raw, rows):
                     f.write(json.dumps({**r, "scores": row["scores"]}) + "\n")
-    lib = AdaptConfig()  # the library's thresholds, for the gate and consensus sweeps
+    lib = AdaptConfig(num_beams=1)  # the library's thresholds for greedy rows, for the gate and consensus sweeps
     base = [score(r["ref"], r["before"], r["language"]) for r in rows]
     e0 = sum(e for e, _ in base)
     print(f"{len(rows)} rows of {args.method}; unadapted errors {e0} / {sum(n for _, n in base)} words")

@@ -11,6 +11,13 @@ through, each draw's adapted transcript (``hyp_adapted``, whatever its guards sa
 ``fastem.judge.medoid`` of [unadapted, draw 1, draw 2]: the candidate nearest the other two by word edit distance,
 ties to the unadapted.  This is what ``AdaptConfig(draws=2)`` returns for those two draws.  Writes every input row,
 then one row per utterance under ``--as`` (``medoid_pick``: 0 unadapted, 1 or 2 the draw).
+
+``--greedy-vote`` (draws decoded with beam search, ``num_beams=5``): the rows' ``none`` transcript (the source
+model's greedy one) joins the candidates first, as ``fastem.judge.choose`` takes it (``medoid_pick`` -1 when it is
+returned); this is what the default, ``AdaptConfig()`` (5 beams, two draws), returns for those draws.
+
+    python benchmarks/medoid_draws.py benchmarks/results/dev_base_adapt_beam5_recipe_rows.jsonl \
+        --draws fb5g,fb5g_s1 --min-entropy 1.4 --greedy-vote --as beam_vote --out out/dev_base_beam_vote.jsonl
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,10 +44,16 @@ def candidate(row: dict, unadapted: dict) -> str:
     return decide(n, None, (row.get("adapt") or {}).get("max_length_ratio", 2.0))
 
 
-def compose(first: dict, second: dict, name: str, min_entropy: float) -> dict:
+def compose(first: dict, second: dict, name: str, min_entropy: float, greedy: str | None = None) -> dict:
+    """``greedy``: the source model's greedy transcript, a vote before the unadapted one (beam-search draws)."""
     adapted = first.get("steps_done", 0) > 0 and second.get("steps_done", 0) > 0
     if not adapted or greedy_gate(first, min_entropy):
         hyp, pick = first["text_before"], 0
+    elif greedy is not None:
+        text = [greedy, first["text_before"], candidate(first, first), candidate(second, first)]
+        t = [SimpleNamespace(text=x, ids=None) for x in text]
+        pick, _ = judge.choose(t[1], t[2:], [({}, None)] * 2, first.get("language"), votes=t[:1])
+        hyp = text[pick + 1]
     else:
         texts = [first["text_before"], candidate(first, first), candidate(second, first)]
         pick = judge.medoid(texts, first.get("language"))
@@ -54,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("rows", help="a rows file of the domain benchmark holding both draws")
     ap.add_argument("--draws", required=True, metavar="A,B", help="the two adapted methods (draws of one recipe)")
     ap.add_argument("--min-entropy", type=float, default=0.0, help="the gate, raised offline (default: the rows')")
+    ap.add_argument("--greedy-vote", action="store_true",
+                    help="the rows' `none` transcript (greedy) votes first: draws decoded with beam search")
     ap.add_argument("--as", dest="name", required=True, help="the name of the composed method")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -67,10 +83,15 @@ def main(argv=None) -> int:
     # Whisper's fallback samples, so where it ran the two draws' unadapted transcripts can differ: the call makes
     # one, so the first draw's stands for both (the second draw's textual guards judge against it too)
     differ = sum(r["text_before"] != second[k]["text_before"] for k, r in first.items())
-    new = [compose(first[k], second[k], args.name, args.min_entropy) for k in first]
+    none = {key(r): r["hyp"] for r in rows if r.get("method") == "none"}
+    if args.greedy_vote and not first.keys() <= none.keys():
+        raise SystemExit(f"{args.rows}: --greedy-vote needs a `none` row (the greedy transcript) for every utterance")
+    new = [compose(first[k], second[k], args.name, args.min_entropy, none[k] if args.greedy_vote else None)
+           for k in first]
     write_rows(args.out, rows + new)
     picks = [n["medoid_pick"] for n in new]
-    print(f"{len(new)} utterances composed as {args.name}: unadapted {picks.count(0)}, draw 1 {picks.count(1)}, "
+    print(f"{len(new)} utterances composed as {args.name}: greedy {picks.count(-1)}, unadapted {picks.count(0)}, "
+          f"draw 1 {picks.count(1)}, "
           f"draw 2 {picks.count(2)}; the draws' unadapted transcripts differ on {differ} (the first's kept)")
     return 0
 

@@ -5,12 +5,14 @@ silence at once and runs the rest through one pipeline, :func:`_run`, a batch of
 The pipeline's phases, each a function with one job:
 
 1. **prepare**: features, token budgets, the adapted parameters and the encoder split;
-2. **transcribe (source)**: the source model's transcript by Whisper's rules (:mod:`fastem.decoding`);
+2. **transcribe (source)**: the source model's transcript by Whisper's rules (:mod:`fastem.decoding`), greedy or
+   by beam search;
 3. **gate**: which utterances adapt (:func:`fastem.judge.gate`);
 4. **adapt**: the optimizer steps (:mod:`fastem.loop`), on each of ``cfg.draws`` independent copies per utterance;
 5. **transcribe (adapted)**: each copy's transcript, by the same rules;
 6. **judge**: the guards' evidence and verdicts (:func:`fastem.judge.judge`) and, with several draws, their
-   medoid (:func:`fastem.judge.choose`);
+   medoid (:func:`fastem.judge.choose`; with beam search the source model's greedy transcript is decoded and
+   votes too);
 
 then the results.  Every call restores the model exactly (a continual :class:`fastem.Adapter` keeps its
 learnt values outside the model, or restores the model when it closes); a call that fails always does.
@@ -127,6 +129,7 @@ class _Call:
     scores: list[dict] | None = None
     sample_seconds: float = 0.0
     slots: list[int] | None = None  # the utterance each adapted copy belongs to (``draws`` copies per active one)
+    source_cross: CrossKV | None = None  # every utterance's source cross-attention keys/values (before the gate)
 
     def source_model(self, active: bool = True):
         """Inside the block the model speaks with its source values."""
@@ -171,6 +174,8 @@ def _prepare(model, processor, waves, languages, cfg: AdaptConfig, state: State 
                          + ("a continual Adapter keeps one" if state is not None else
                             f"params={cfg.params!r} adapts the model in place") + " (use draws=1)")
     cfg = dataclasses.replace(cfg, draws=1 if one_copy else cfg.draw_count)
+    # "auto" beams go with the medoid of several draws on speech; a language model decodes greedily unless asked
+    cfg = dataclasses.replace(cfg, num_beams=cfg.beam_count if inputs is WHISPER or cfg.num_beams != "auto" else 1)
     snapshot = ModelSnapshot(model, binding.direct_params)
     source = (state.source if state is not None and state.source is not None else snapshot) if binding.direct else None
     learnt = state is not None and state.source is not None and state.steps_taken > 0
@@ -215,6 +220,7 @@ def _gate(call: _Call, before: list[Transcript]) -> list[str | None]:
             skipped.append(_judge.gate(t.entropy, t.fallback, call.cfg.gate_entropy))
     active = [b for b in range(len(before)) if call.cfg.step_count and skipped[b] is None]
     call.slots = [b for b in active for _ in range(call.cfg.draws)]
+    call.source_cross = call.encoder.cross
     if call.slots and call.slots != list(range(len(before))):  # some not adapted, or several draws of each
         call.binding = Binding(call.model, call.binding.named, len(call.slots))
         call.encoder = call.encoder.select(call.slots)
@@ -273,12 +279,22 @@ def _transcribe_adapted(call: _Call) -> tuple[list[Transcript], CrossKV | None]:
     return adapted, cross
 
 
-def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript], cross) -> tuple[list, dict]:
-    """Phase 6: the judge on every adapted copy, then per utterance what it returns: its adapted transcripts (the
-    one chosen, with several draws) and ``{b: (verdicts, fired)}``."""
+def _greedy_votes(call: _Call, utterances: list[int]) -> list[Transcript]:
+    """Phase 6a, with beam search and several draws: the source model's greedy transcript of each adapted utterance
+    (Whisper's rules without the no-speech test: the source's beam transcript decided that), a vote in the medoid."""
+    rules = dataclasses.replace(call.inputs.rules(call.cfg), no_speech=None)
+    with torch.no_grad(), call.source_model(call.learnt):
+        return transcripts(call.model, call.processor, call.source_cross.select(utterances),
+                           [call.prompts[b] for b in utterances], [call.budgets[b] for b in utterances], rules,
+                           seed=call.cfg.seed, head=call.head)
+
+
+def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript], cross) -> tuple[list, list, dict]:
+    """Phase 6: the judge on every adapted copy, then per utterance its adapted transcript (the draw chosen, with
+    several), the transcript it returns and ``{b: (verdicts, fired)}``."""
     after = list(before)
     if not call.slots:
-        return after, {}
+        return after, list(before), {}
     prompts = [call.prompts[b] for b in call.slots]
 
     def score_both(pairs):
@@ -293,19 +309,24 @@ def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript
     cases = [_judge.Case(before[b], t, call.waves[b], call.prompts[b].language, call.seconds[b], sc, call.budgets[b])
              for b, t, sc in zip(call.slots, adapted, scores)]
     verdicts = _judge.judge(call.cfg, call.model, cases, score_both)
-    judged = {}
-    for lo in range(0, len(call.slots), draws):
+    votes = _greedy_votes(call, call.slots[::draws]) if draws > 1 and call.cfg.greedy_vote else None
+    kept, judged = list(before), {}
+    for n, lo in enumerate(range(0, len(call.slots), draws)):
         b, own = call.slots[lo], range(lo, lo + draws)
+        vote = [votes[n]] if votes is not None else []
         pick, judged[b] = _judge.choose(before[b], [adapted[j] for j in own], [verdicts[j] for j in own],
-                                        call.prompts[b].language)
-        chosen = lo + max(pick - 1, 0)  # the draw returned, or the first where the unadapted transcript is
+                                        call.prompts[b].language, votes=vote)
+        chosen = lo + max(pick - 1, 0)  # the draw returned, or the first where an unadapted transcript is
         after[b] = adapted[chosen]
+        kept[b] = vote[0] if pick < 0 else before[b] if judged[b][1] else after[b]
         if draws > 1:
             call.scores[b].update(scores[chosen], medoid=pick, draws=[t.text for t in adapted[lo:lo + draws]])
+            if vote:
+                call.scores[b]["greedy"] = vote[0].text
         call.scores[b]["logprob_after"] = after[b].avg_logprob
         if after[b].fallback:
             call.scores[b]["fallback_after"] = after[b].temperature
-    return after, judged
+    return after, kept, judged
 
 
 def _run(model, processor, waves: list, languages: list[str | None], cfg: AdaptConfig, state: State | None = None,
@@ -322,23 +343,22 @@ def _run(model, processor, waves: list, languages: list[str | None], cfg: AdaptC
         skipped = _gate(call, before)
         histories = _adapt(call)
         adapted, cross = _transcribe_adapted(call)
-        after, judged = _judge_phase(call, before, adapted, cross)
+        after, kept, judged = _judge_phase(call, before, adapted, cross)
     finally:
         call.snapshot.restore(values=call.binding.direct and state is None)
-    return _results(call, before, after, skipped, histories, judged, time.perf_counter() - t_start)
+    return _results(call, before, after, kept, skipped, histories, judged, time.perf_counter() - t_start)
 
 
-def _results(call: _Call, before, after, skipped, histories, judged, elapsed: float) -> list[AdaptResult]:
-    """Per window: the adapted transcript, or the unadapted one where a guard fired, and the evidence; the history
-    (and sampled tokens) of the draw returned, or of the first."""
+def _results(call: _Call, before, after, kept, skipped, histories, judged, elapsed: float) -> list[AdaptResult]:
+    """Per window: what the judge returns (the adapted transcript, or an unadapted one where a guard or the medoid
+    chose it) and the evidence; the history (and sampled tokens) of the draw returned, or of the first."""
     results = []
     for b in range(len(call.waves)):
         found, fired = judged.get(b, ({}, None))
-        kept = before[b] if fired else after[b]  # (a medoid of 0 unfired: every draw kept the unadapted tokens)
         own = [h for j, h in zip(call.slots, histories) if j == b]
         history = own[max(call.scores[b].get("medoid", 1), 1) - 1] if own else []
         results.append(AdaptResult(
-            text=kept.text, text_before=before[b].text, tokens=kept.ids, tokens_before=before[b].ids,
+            text=kept[b].text, text_before=before[b].text, tokens=kept[b].ids, tokens_before=before[b].ids,
             language=call.prompts[b].language, history=history, seconds=elapsed,
             sample_tokens=sum(h["tokens"] for h in history), sample_seconds=call.sample_seconds,
             text_adapted=after[b].text, tokens_adapted=after[b].ids, guard=fired[0] if fired else None,
@@ -477,6 +497,8 @@ def adapt_batch(model, audios, *, processor=None, sampling_rate: int | None = 16
 
 
 def _decode_config(max_new_tokens, rules: dict) -> AdaptConfig:
+    """A transcription: no steps, greedy unless ``num_beams`` is given."""
+    rules = {**rules, "num_beams": 1 if rules.get("num_beams", "auto") == "auto" else rules["num_beams"]}
     return AdaptConfig(steps=0, max_new_tokens=max_new_tokens, guards=(), **rules)
 
 

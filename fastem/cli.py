@@ -33,6 +33,7 @@ def _count(word: str, what: str, value):
 
 _settle = _count("off", "updates", False)
 _draws = _count("auto", "draws", "auto")
+_beams = _count("auto", "beams", "auto")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--language", default=None, help="language code (default: detected; English for .en models)")
     p.add_argument("--steps", type=_steps, default=d.steps,
-                   help=f"adaptation steps (default {d.steps}: 5 greedy, 10 with --beams)")
+                   help=f"adaptation steps (default {d.steps}: {d.step_count})")
     p.add_argument("--stop-when-settled", type=_settle, default=False, metavar="N",
                    help="stop a clip's steps once N updates in a row left its greedy transcript unchanged "
                         "(default off: always --steps)")
@@ -50,18 +51,18 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=d.num_samples, metavar="K",
                    help=f"hypotheses per step (default {d.num_samples})")
     p.add_argument("--draws", type=_draws, default=d.draws, metavar="N",
-                   help="independent adaptations of each clip, their medoid returned (default auto: "
-                        f"{AdaptConfig().draw_count} greedy, {AdaptConfig(num_beams=2).draw_count} with --beams)")
-    p.add_argument("--beams", type=int, default=d.num_beams, metavar="K",
-                   help="decode every transcript by beam search with K beams (default 1: greedy)")
+                   help=f"independent adaptations of each clip, their medoid returned (default auto: {d.draw_count})")
+    p.add_argument("--beams", type=_beams, default=d.num_beams, metavar="K",
+                   help=f"decode every transcript by beam search with K beams, 1: greedy (default auto: "
+                        f"{d.beam_count} when adapting with several draws, the greedy transcript voting in their "
+                        "medoid; else 1)")
     p.add_argument("--params", type=_params, default=d.params, metavar="SET",
                    help=f"the parameters that adapt (default {d.params}; one of {', '.join(PARAM_SETS)}, "
                         "N a number of top encoder layers)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--min-entropy", type=float, default=None, metavar="NATS",
                    help="do not adapt on a clip whose unadapted transcript has a mean token entropy below this "
-                        f"(default {AdaptConfig().gate_entropy:g}, {AdaptConfig(num_beams=2).gate_entropy:g} with "
-                        "--beams; 0 adapts every clip)")
+                        f"(default {d.gate_entropy:g}; 0 adapts every clip)")
     p.add_argument("--max-logp-drop", type=float, default=d.max_logp_drop, metavar="NATS",
                    help="the confidence guard: keep the unadapted transcript when the unadapted model finds the "
                         f"adapted one more than NATS per token less likely than its own (default {d.max_logp_drop:g}; "
@@ -70,7 +71,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="the likelihood guard (not run by default; a value here runs it): keep the unadapted "
                         "transcript when the unadapted model finds the "
                         "adapted one, as a whole, more than NATS less likely than its own (default "
-                        f"{d.max_seq_logp_drop}: {AdaptConfig().seq_logp_limit:g} greedy, off with --beams > 1; "
+                        f"{d.max_seq_logp_drop}: {AdaptConfig(num_beams=1).seq_logp_limit:g} greedy, off with beams; "
                         "'none': the guard off; 0: the strictest)")
     p.add_argument("--verifier", type=_optional_name, default=d.verifier, metavar="MODEL",
                    help="a second checkpoint (tiny.en, base, a hub id or a directory) that votes on each changed "
@@ -80,8 +81,8 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=f"how much less likely, per token (default {d.max_verifier_drop:g})")
     p.add_argument("--guards", type=_guard_names, default=d.guards, metavar="NAMES",
                    help=f"comma-separated guards that may reject the adapted transcript, 'none' for none "
-                        f"(default auto: {','.join(TEXTUAL_GUARDS)} with several draws, else {','.join(DEFAULT_GUARDS)}; "
-                        f"with --beams > 1 {','.join(BEAM_GUARDS)}; "
+                        f"(default auto: {','.join(TEXTUAL_GUARDS)} with several draws; with one, "
+                        f"{','.join(DEFAULT_GUARDS)} greedy and {','.join(BEAM_GUARDS)} with beams; "
                         f"known: {','.join(GUARDS)})")
     for name, what in (("compression-ratio-threshold", "a transcript compressing more than this is a loop"),
                        ("logprob-threshold", "a transcript with a lower average log-prob per token is unlikely"),
@@ -170,8 +171,10 @@ def _references(args) -> dict[str, str]:
     return refs
 
 
-def _decode_rules(args) -> dict:
-    return {"compression_ratio_threshold": args.compression_ratio_threshold, "num_beams": args.beams,
+def _decode_rules(args, transcribing: bool = False) -> dict:
+    """Whisper's decoding rules and the beams; a plain transcription (``transcribing``) is greedy unless --beams."""
+    beams = 1 if transcribing and args.beams == "auto" else args.beams
+    return {"compression_ratio_threshold": args.compression_ratio_threshold, "num_beams": beams,
             "logprob_threshold": args.logprob_threshold, "no_speech_threshold": args.no_speech_threshold}
 
 
@@ -234,7 +237,7 @@ def cmd_transcribe(args) -> int:
             return adapt_batch(model, waves, processor=processor, language=args.language, config=cfg,
                                sampling_rate=SAMPLE_RATE, batch_size=size)
         return transcribe_batch(model, waves, processor=processor, language=args.language, sampling_rate=SAMPLE_RATE,
-                                **_decode_rules(args))
+                                **_decode_rules(args, transcribing=True))
 
     for lo in range(0, len(args.audio), size):
         t0 = time.perf_counter()

@@ -16,22 +16,20 @@ from .precision import STEP_PRECISIONS
 __all__ = ["AdaptConfig", "AdaptResult"]
 
 
-#: What each "auto" setting of :class:`AdaptConfig` resolves to: ``(with greedy decoding, with beam search)``.  Each
-#: pair was chosen on DEV for its decoding (RESULTS.md): ``steps`` in "Five steps of eight samples, two draws per side"
-#: and "Adapting with beam search"; ``min_entropy`` and ``temperature`` in "The gate, chosen leaving one domain
-#: out, with T = 0.7" (beam search kept the values it was measured with); ``max_seq_logp_drop`` in "The likelihood
-#: guard with greedy decoding" (named in ``guards`` to run) and "The likelihood guard with beams" (None: it abstains);
-#: ``guards`` in "The likelihood guard with greedy decoding" and "The verifier's own transcript as evidence" (with
-#: several draws the textual guards alone, :data:`fastem.judge.TEXTUAL_GUARDS`: the medoid judges the rest); ``draws``
-#: in "Two draws and their medoid".  A continual :class:`fastem.Adapter` resolves them as an episodic call does, but
-#: with one draw (it keeps one adapted copy), and so does a parameter set that adapts the model in place.
-AUTO = {
-    "steps": (5, 10),
-    "min_entropy": (1.4, 1.0),
-    "temperature": (0.7, 1.0),
+#: What each "auto" setting of :class:`AdaptConfig` resolves to, chosen on DEV (RESULTS.md): ``steps`` in "Five steps
+#: of eight samples, two draws per side"; ``min_entropy`` and ``temperature`` in "The gate, chosen leaving one domain
+#: out, with T = 0.7"; ``draws`` in "Two draws and their medoid"; ``num_beams`` (with several draws) in "Beam search
+#: with a greedy vote".  One recipe whatever the decoding.  A continual :class:`fastem.Adapter`, a parameter set that
+#: adapts the model in place and a language model resolve ``draws`` (the first two) and ``num_beams`` to 1.
+AUTO = {"steps": 5, "min_entropy": 1.4, "temperature": 0.7, "draws": 2, "num_beams": 5}
+#: The "auto" settings that depend on the decoding: ``(with greedy decoding, with beam search)``.
+#: ``max_seq_logp_drop`` in "The likelihood guard with greedy decoding" (named in ``guards`` to run) and "The
+#: likelihood guard with beams" (None: it abstains); ``guards`` (with one draw) in "The likelihood guard with greedy
+#: decoding" and "The verifier's own transcript as evidence"; with several draws the textual guards alone
+#: (:data:`fastem.judge.TEXTUAL_GUARDS`: the medoid judges the rest) whatever the decoding.
+AUTO_BY_DECODING = {
     "max_seq_logp_drop": (2.0, None),
     "guards": (_judge.DEFAULT_GUARDS, _judge.BEAM_GUARDS),
-    "draws": (2, 1),
 }
 
 
@@ -41,10 +39,8 @@ class AdaptConfig:
 
     **What a user sets**
 
-    steps:          optimizer steps on each utterance: "auto" (default) takes 5 with greedy decoding and 10 with
-                    beam search (``num_beams > 1``), the counts chosen on DEV for each (RESULTS.md, "Five steps of
-                    eight samples, two draws per side" and "Eight samples per step with beams"); an integer sets
-                    them; 0 transcribes without adapting.
+    steps:          optimizer steps on each utterance: "auto" (default) takes 5 (chosen on DEV: RESULTS.md, "Five
+                    steps of eight samples, two draws per side"); an integer sets them; 0 transcribes without adapting.
     stop_when_settled: stop an utterance's steps once its adapted model's greedy transcript has stayed the
                     same over the last N updates (checked at each step by one greedy row decoded beside its
                     samples, before the step scores them); the steps left are not run.  False (default) always
@@ -56,10 +52,11 @@ class AdaptConfig:
                     ``seed * draws + d``, in one batch: seed 0 draws as one-draw calls with seeds 0 and 1 do, and calls
                     with other seeds share no draw); with more than one the call returns the **medoid** of the unadapted
                     transcript and the draws' adapted ones (the one nearest the others in words,
-                    :func:`fastem.judge.medoid`; ties to the unadapted), so a change one draw alone makes is outvoted.
-                    "auto" (default): 2 with greedy decoding (chosen on DEV: RESULTS.md, "Two draws and their
-                    medoid"), 1 with beam search, in a continual :class:`fastem.Adapter` and for parameter sets
-                    that adapt the model in place.  Each draw costs the steps once more.
+                    :func:`fastem.judge.medoid`; ties to the earlier), so a change one draw alone makes is outvoted; with
+                    beam search the source model's greedy transcript votes too, first (see ``num_beams``).  "auto"
+                    (default): 2 (chosen on DEV: RESULTS.md, "Two draws and their medoid"); 1 in a continual
+                    :class:`fastem.Adapter` and for parameter sets that adapt the model in place.  Each draw costs the
+                    steps once more.
     params:         the parameters that adapt: "layernorm" (every LayerNorm, the default),
                     "layernorm:decoder", "layernorm:encoder", "layernorm:topN", "decoder", "encoder",
                     "all", or a callable ``(name, parameter) -> bool`` (:mod:`fastem.params`).
@@ -67,8 +64,13 @@ class AdaptConfig:
                     prefixes), "pg" (policy gradient with the sequence entropy as cost), "suta" (SUTA),
                     "random" (policy gradient with a coin-flip reward: the control that no signal gives);
                     see :mod:`fastem.objective`.
-    num_beams:      1 decodes greedily (default); k > 1 decodes every transcript (the source model's, the
-                    adapted one) by beam search with k beams, as ``generate(num_beams=k)`` does.
+    num_beams:      1 decodes greedily; k > 1 decodes every transcript (the source model's, each draw's adapted
+                    one) by beam search with k beams, as ``generate(num_beams=k)`` does, and with several draws the
+                    source model's greedy transcript joins the medoid as a vote (the candidates: greedy, unadapted beam,
+                    each draw's; ``result.scores["medoid"] == -1`` when the greedy one is returned).  "auto" (default):
+                    5 with several draws (chosen on DEV: RESULTS.md, "Beam search with a greedy vote"), else 1 (a
+                    continual :class:`fastem.Adapter`, an in-place parameter set, a language model).  ``transcribe``
+                    decodes greedily unless given ``num_beams``.
     task:           "transcribe" or "translate" (multilingual checkpoints).
     max_new_tokens: cap on generated tokens; None: 10 per second of audio + 20.
     seed:           seeds the sampler: a call is reproducible on the same device.
@@ -77,18 +79,18 @@ class AdaptConfig:
 
     **The judge** (:mod:`fastem.judge`): which utterances adapt and which adapted transcripts are kept
 
-    min_entropy:    the gate: an utterance whose unadapted transcript has a mean next-token entropy below
-                    this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all.  "auto"
-                    (default): 1.4 with greedy decoding (chosen on DEV with the temperature below, leaving one
-                    domain out: RESULTS.md, "The gate, chosen leaving one domain out"), 1.0 with beam search.
+    min_entropy:    the gate: an utterance whose unadapted transcript (of the call's decoding) has a mean next-token
+                    entropy below this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all.  "auto"
+                    (default): 1.4 (chosen on DEV with the temperature below, leaving one domain out: RESULTS.md, "The
+                    gate, chosen leaving one domain out").
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
                     one fires the unadapted transcript is returned (with several draws: stands in for that draw's
-                    transcript before the medoid); ``()``: none.  "auto" (default): with greedy decoding and several
-                    draws the textual ones (:data:`fastem.judge.TEXTUAL_GUARDS`: empty, non-speech, repetition,
-                    length; the medoid stands in for the rest), with one draw every one but "likelihood" and
-                    "agreement" (:data:`fastem.judge.DEFAULT_GUARDS`); with beam search the same with "agreement" in
-                    place of "verifier" (:data:`fastem.judge.BEAM_GUARDS`; RESULTS.md, "The verifier's own transcript
-                    as evidence").
+                    transcript before the medoid); ``()``: none.  "auto" (default): with several draws the textual
+                    ones (:data:`fastem.judge.TEXTUAL_GUARDS`: empty, non-speech, repetition, length; the medoid stands
+                    in for the rest); with one draw every one but "likelihood" and "agreement" with greedy decoding
+                    (:data:`fastem.judge.DEFAULT_GUARDS`), and with beam search the same with "agreement" in place of
+                    "verifier" (:data:`fastem.judge.BEAM_GUARDS`; RESULTS.md, "The verifier's own transcript as
+                    evidence").
     max_logp_drop:  "confidence": most the source model's mean log-prob per token may fall (1.5 nats).
     max_seq_logp_drop: "likelihood" (not run by default; name it in ``guards``): most the source model's total
                     log-prob of the transcript may fall (nats);
@@ -118,10 +120,9 @@ class AdaptConfig:
     hypotheses:     "sample" (K samples), "greedy" (the greedy pseudo-label) or "auto": greedy for
                     "entropy" and "suta", samples otherwise.
     temperature:    divides the logits when sampling and scoring: the loop minimizes the entropy of the tempered
-                    model.  "auto" (default): 0.7 with greedy decoding (below 1 the samples stay nearer the mode
-                    and the entropy weighs the positions where the model is really unsure; chosen on DEV), 1.0
-                    with beam search (where it was measured).  For "suta" its entropy temperature (2.5 in SUTA's
-                    paper).
+                    model.  "auto" (default): 0.7 (below 1 the samples stay nearer the mode and the entropy weighs the
+                    positions where the model is really unsure; chosen on DEV).  For "suta" its entropy temperature
+                    (2.5 in SUTA's paper).
     reduction:      "sum" over tokens (the exact scale) or "mean" per token.
     em_coef:        "suta" only: weight of the entropy term against minimum class confusion (0.5).
     optimizer:      "adam" (AdamW) or "sgd".
@@ -151,7 +152,7 @@ class AdaptConfig:
     draws: int | str = "auto"
     params: Any = "layernorm"
     objective: str = "em"
-    num_beams: int = 1
+    num_beams: int | str = "auto"
     task: str = "transcribe"
     max_new_tokens: int | None = None
     seed: int = 0
@@ -189,8 +190,9 @@ class AdaptConfig:
             raise ValueError(f"steps must be 'auto' or an integer >= 0, got {self.steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
-            raise ValueError(f"num_beams must be an integer >= 1 (1: greedy), got {self.num_beams!r}")
+        if self.num_beams != "auto" and (isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int)
+                                         or self.num_beams < 1):
+            raise ValueError(f"num_beams must be 'auto' or an integer >= 1 (1: greedy), got {self.num_beams!r}")
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}")
         if not isinstance(self.stop_when_settled, (bool, int)) or self.stop_when_settled < 0:
@@ -280,9 +282,12 @@ class AdaptConfig:
         return self.hypotheses == "greedy" or (self.hypotheses == "auto" and self.objective in ("entropy", "suta"))
 
     def _auto(self, field: str):
-        """``field``'s value, or where it is "auto" what it resolves to with this call's decoding (:data:`AUTO`)."""
+        """``field``'s value, or where it is "auto" what it resolves to (:data:`AUTO`, :data:`AUTO_BY_DECODING` with
+        this call's decoding)."""
         value = getattr(self, field)
-        return AUTO[field][self.num_beams > 1] if value == "auto" else value
+        if value != "auto":
+            return value
+        return AUTO_BY_DECODING[field][self.beam_count > 1] if field in AUTO_BY_DECODING else AUTO[field]
 
     @property
     def step_count(self) -> int:
@@ -306,10 +311,23 @@ class AdaptConfig:
         return self._auto("draws")
 
     @property
+    def beam_count(self) -> int:
+        """The beams every transcript is decoded with: ``num_beams`` resolved (:data:`AUTO` with several draws, else
+        1: the pipeline resolves "auto" to 1 for a language model)."""
+        if self.num_beams != "auto":
+            return self.num_beams
+        return AUTO["num_beams"] if self.draw_count > 1 else 1
+
+    @property
+    def greedy_vote(self) -> bool:
+        """Whether the source model's greedy transcript joins the medoid (beam search with several draws)."""
+        return self.beam_count > 1 and self.draw_count > 1
+
+    @property
     def active_guards(self) -> tuple:
-        """The guards this call runs: ``guards`` resolved (:data:`AUTO`; with greedy decoding and several draws
-        the textual guards alone, each draw's transcript facing them before the medoid)."""
-        if self.guards == "auto" and self.num_beams == 1 and self.draw_count > 1:
+        """The guards this call runs: ``guards`` resolved (:data:`AUTO_BY_DECODING`; with several draws the textual
+        guards alone, each draw's transcript facing them before the medoid)."""
+        if self.guards == "auto" and self.draw_count > 1:
             return _judge.TEXTUAL_GUARDS
         return self._auto("guards")
 

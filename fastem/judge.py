@@ -17,7 +17,8 @@ Four kinds of check, each a small function of the evidence it names:
   transcript changed, once per process (``fastem.verifier.clear()`` releases it).
 * **The medoid** (:func:`choose`, with ``AdaptConfig.draws`` > 1): each draw's transcript faces the guards, a
   rejected one standing as the unadapted transcript, and the call returns the :func:`medoid` of the unadapted
-  transcript and the draws': a change is kept only when the draws agree on it.
+  transcript and the draws': a change is kept only when the draws agree on it.  With beam search the source
+  model's greedy transcript is a candidate too (a vote for the change greedy decoding would make).
 
 ``AdaptConfig.guards`` names every guard that runs (``()``: none; ``"auto"``: :data:`DEFAULT_GUARDS` with greedy
 decoding, :data:`BEAM_GUARDS` with beam search); the thresholds are the config's judge fields.
@@ -214,24 +215,32 @@ def medoid(texts: list[str], language: str | None = None) -> int:
 
 
 def choose(before, drafts: list, judged: list[tuple[dict, tuple[str, str] | None]],
-           language: str | None = None) -> tuple[int, tuple[dict, tuple[str, str] | None]]:
+           language: str | None = None, votes: list = ()) -> tuple[int, tuple[dict, tuple[str, str] | None]]:
     """What one utterance returns of its adapted ``drafts`` (one per draw, :class:`fastem.decoding.Transcript`) given
     each one's ``(verdicts, fired)``: ``(pick, (verdicts, fired))``, ``pick`` 0 for the unadapted transcript
-    ``before`` and ``d`` for draw ``d``.  One draw: its transcript unless a guard fired.  Several: a draw a guard
-    rejected stands as the unadapted transcript, and the :func:`medoid` of the unadapted transcript and the draws
-    is returned; when that is the unadapted one although a draw changed it, ``("medoid", reason)`` is what fired
-    (the verdicts are those of the draw returned, or of the first, with the medoid's)."""
-    if len(drafts) == 1:
+    ``before``, ``d`` for draw ``d`` and ``-v`` for ``votes[-v]``.  One draw: its transcript unless a guard fired.
+    Several: a draw a guard rejected stands as the unadapted transcript, and the :func:`medoid` of ``votes`` (other
+    unadapted transcripts that count as candidates, first: with beam search the source model's greedy one), the
+    unadapted transcript and the draws is returned; when that is not a draw although a draw changed the transcript,
+    ``("medoid", reason)`` is what fired (the verdicts are those of the draw returned, or of the first, with the
+    medoid's)."""
+    if len(drafts) == 1 and not votes:
         found, fired = judged[0]
         return (0 if fired else 1), (found, fired)
-    candidates = [before] + [before if fired else t for t, (_, fired) in zip(drafts, judged)]
-    pick = medoid([c.text for c in candidates], language)
+    candidates = list(votes) + [before] + [before if fired else t for t, (_, fired) in zip(drafts, judged)]
+    texts = [c.text for c in candidates]
+    pick = medoid(texts, language) - len(votes)
+    if pick < 0 and texts[pick + len(votes)] in texts[len(votes):]:
+        pick = texts.index(texts[pick + len(votes)], len(votes)) - len(votes)  # a vote saying what another says
     found, fired = judged[max(pick - 1, 0)]
     found = dict(found)
     found["medoid"] = None
-    if pick:
+    if pick > 0:
         return pick, (found, None)
-    changed = sum(c.ids != before.ids for c in candidates[1:])
+    if pick < 0:
+        found["medoid"] = "the medoid is the source model's greedy transcript"
+        return pick, (found, ("medoid", found["medoid"]))
+    changed = sum(c.ids != before.ids for c in candidates[len(votes) + 1:])
     if changed:
         found["medoid"] = (f"{changed} of {len(drafts)} draws changed the transcript and their medoid is the "
                            "unadapted one")

@@ -2,6 +2,7 @@
 import dataclasses
 import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -247,8 +248,11 @@ def test_transcribe_equals_generate_and_the_unadapted_transcript(model, processo
         ref = ref[4:]
     assert plain == processor.tokenizer.decode(ref, skip_special_tokens=True).strip()
     text = fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=6)
-    result = fastem.adapt(model, audio, processor=processor, language="en", steps=0, max_new_tokens=6)
+    result = fastem.adapt(model, audio, processor=processor, language="en", steps=0, max_new_tokens=6, num_beams=1)
     assert result.text_before == text and result.history == [] and result.guard is None
+    beam = fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=6, num_beams=5)
+    default = fastem.adapt(model, audio, processor=processor, language="en", steps=0, max_new_tokens=6)
+    assert default.text_before == beam  # the default decodes with 5 beams; transcribe, greedily unless asked
     model.train()
     assert fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=6) == text
     assert model.training  # evaluated in eval mode, the user's mode put back
@@ -363,7 +367,8 @@ def test_long_recording_is_cut_into_windows_at_pauses(model, processor):
     assert len(result.windows) == 3
     assert result.text_before == " ".join(w.text_before for w in result.windows if w.text_before)
     assert result.tokens == [t for w in result.windows for t in w.tokens]
-    assert fastem.transcribe(model, wave, processor=processor, language="en", max_new_tokens=4) == result.text_before
+    assert fastem.transcribe(model, wave, processor=processor, language="en", max_new_tokens=4,
+                             num_beams=5) == result.text_before  # the default decodes with 5 beams
 
 
 @pytest.mark.parametrize("objective, baseline", [("em", "loo"), ("pg", "loo"), ("em", "none"), ("entropy", "loo")])
@@ -421,7 +426,7 @@ def test_confident_utterances_are_not_adapted(model, processor):
     """``min_entropy``: an utterance whose unadapted transcript is surer than the gate is returned as
     transcribed, with no step taken; in a batch the others adapt exactly as they would alone."""
     audios = [speechlike(2.0, seed=0), speechlike(1.2, seed=1), speechlike(2.6, seed=2)]
-    kwargs = dict(processor=processor, language="en", steps=2, num_samples=2, lr=1e-2, seed=5, **PLAIN)
+    kwargs = dict(processor=processor, language="en", steps=2, num_samples=2, lr=1e-2, seed=5, num_beams=1, **PLAIN)
     free = fastem.adapt_batch(model, audios, **kwargs)
     ents = [r.scores["entropy_before"] for r in free]
     assert all(e > 0 for e in ents) and len(set(ents)) == 3
@@ -478,7 +483,7 @@ def test_stop_when_settled_ends_the_steps_once_the_greedy_transcript_settles(mod
     the call returns is what the same call with that many steps returns, and its adapted transcript is the
     transcript the rule saw settle."""
     kwargs = dict(processor=processor, language="en", num_samples=2, lr=0.05, seed=5, max_new_tokens=3,
-                  min_entropy=0.0, guards=(), **PLAIN)
+                  min_entropy=0.0, guards=(), num_beams=1, **PLAIN)  # the rule watches the greedy transcript
     audio = speechlike(2.0, seed=0)
     for updates in (True, 1, 3):
         n = 2 if updates is True else updates
@@ -538,7 +543,8 @@ def test_stop_when_settled_in_a_batch_stops_each_utterance_as_alone(model, proce
         assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4, abs=1e-4)
 
 
-DRAWS_KW = dict(language="en", steps=2, num_samples=2, lr=0.05, max_new_tokens=4, min_entropy=0.0, guards=(), **PLAIN)
+DRAWS_KW = dict(language="en", steps=2, num_samples=2, lr=0.05, max_new_tokens=4, min_entropy=0.0, guards=(), num_beams=1,
+                **PLAIN)
 
 
 def test_two_draws_are_two_calls_and_their_medoid(model, processor):
@@ -569,10 +575,39 @@ def test_two_draws_in_a_batch_are_what_each_utterance_gets_alone(model, processo
         assert got.scores["draws"] == alone.scores["draws"] and got.text == alone.text
 
 
+def test_with_beams_the_greedy_transcript_votes_in_the_medoid(model, processor):
+    """With beam search and two draws (the default) every transcript of the call is a beam transcript but the
+    source model's greedy one, which joins the medoid first: the call returns the medoid of [greedy, unadapted
+    beam, draw 1, draw 2] (``scores["medoid"]`` -1 for the greedy one), each draw as a one-draw call adapts it."""
+    kw = {**DRAWS_KW, "num_beams": 3}
+    picks = set()
+    for seed in range(4):
+        audio = speechlike(seed=seed)
+        two = fastem.adapt(model, audio, processor=processor, draws=2, seed=seed, **kw)
+        alone = [fastem.adapt(model, audio, processor=processor, draws=1, seed=2 * seed + d, **kw) for d in (0, 1)]
+        greedy = fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=4, **PLAIN)
+        assert two.text_before == fastem.transcribe(model, audio, processor=processor, language="en", max_new_tokens=4,
+                                                    num_beams=3, **PLAIN)
+        assert two.scores["greedy"] == greedy and two.scores["draws"] == [r.text_adapted for r in alone]
+        texts = [greedy, two.text_before] + two.scores["draws"]
+        pick, _ = fastem.judge.choose(*(SimpleNamespace(text=t, ids=None) for t in texts[1:2]),
+                                      [SimpleNamespace(text=t, ids=None) for t in texts[2:]], [({}, None)] * 2, "en",
+                                      votes=[SimpleNamespace(text=greedy, ids=None)])
+        assert two.scores["medoid"] == pick and two.text == texts[pick + 1]
+        assert (two.guard == "medoid") == (pick < 0 or (pick == 0 and two.text_before not in texts[2:]))
+        picks.add(pick)
+    assert len(picks) > 1  # the seeds reach more than one outcome: the comparison can fail
+
+
 def test_draws_resolve_to_one_where_only_one_copy_can_adapt(model, processor):
     kw = dict(processor=processor, **DRAWS_KW)
-    assert AdaptConfig().draw_count == 2 and AdaptConfig(num_beams=3).draw_count == 1
+    assert AdaptConfig().draw_count == 2 and AdaptConfig(num_beams=3).draw_count == 2
+    assert AdaptConfig().beam_count == 5 and AdaptConfig(draws=1).beam_count == 1  # "auto" beams go with the medoid
     assert "draws" not in fastem.adapt(model, speechlike(), params="all", **kw).scores  # "auto": one draw in place
+    auto = {**kw, "num_beams": "auto"}
+    res = fastem.adapt(model, speechlike(), params="all", **auto)  # one draw: "auto" beams resolve to greedy
+    assert "greedy" not in res.scores and res.text_before == fastem.transcribe(model, speechlike(), processor=processor,
+                                                                                language="en", max_new_tokens=4, **PLAIN)
     with pytest.raises(ValueError, match="draws=2 needs a copy .* adapts the model in place"):
         fastem.adapt(model, speechlike(), params="all", draws=2, **kw)
     settings = {k: v for k, v in DRAWS_KW.items() if k != "language"}

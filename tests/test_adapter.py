@@ -17,7 +17,7 @@ def model():
 
 
 KW = dict(language="en")
-CFG = dict(steps=2, num_samples=2, lr=1e-2, max_new_tokens=6, guards=())
+CFG = dict(steps=2, num_samples=2, lr=1e-2, max_new_tokens=6, guards=(), draws=1)  # an Adapter keeps one copy
 
 
 @pytest.mark.parametrize("params", ["layernorm", "decoder"])

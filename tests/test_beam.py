@@ -76,9 +76,9 @@ def test_adapt_with_beams_decodes_both_transcripts_by_beam_search(processor):
             fastem.AdaptConfig(num_beams=bad)
 
 
-def test_steps_are_five_greedy_and_ten_with_beams_of_eight_samples_unless_set(processor, monkeypatch):
-    """``steps="auto"`` (the default): the loop takes 5 steps with greedy decoding and 10 with beam search, each
-    drawing ``num_samples`` (8) hypotheses; integers are taken as given; bad values are named."""
+def test_steps_are_five_of_eight_samples_whatever_the_decoding_unless_set(processor, monkeypatch):
+    """``steps="auto"`` (the default): the loop takes 5 steps with greedy decoding and with beam search (one recipe),
+    each drawing ``num_samples`` (8) hypotheses per draw; integers are taken as given; bad values are named."""
     import fastem.loop as loop
 
     drawn = []
@@ -92,12 +92,14 @@ def test_steps_are_five_greedy_and_ten_with_beams_of_eight_samples_unless_set(pr
     model = tiny_whisper(seed=1, eos_strength=3.0)
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
     kw = dict(processor=processor, language="en", max_new_tokens=6, lr=1e-2, min_entropy=0.0, **PLAIN)
-    for extra, k, n in ((dict(), 8, 5), (dict(num_beams=3), 8, 10), (dict(num_beams=3, num_samples=3, steps=2), 3, 2),
-                        (dict(steps=1, num_samples=4), 4, 1)):
+    for extra, k, n in ((dict(draws=1, num_beams=1), 8, 5), (dict(draws=1, num_beams=3), 8, 5),
+                        (dict(draws=2), 8, 5),  # the default: two draws in one batch, 8 samples each
+                        (dict(draws=1, num_beams=3, num_samples=3, steps=2), 3, 2),
+                        (dict(draws=1, steps=1, num_samples=4), 4, 1)):
         drawn.clear()
         res = fastem.adapt(model, audio, **extra, **kw)
         assert drawn == [k] * n and len(res.history) == n, (extra, drawn)
-    assert fastem.AdaptConfig().step_count == 5 and fastem.AdaptConfig(num_beams=5).step_count == 10
+    assert fastem.AdaptConfig().step_count == 5 and fastem.AdaptConfig(num_beams=1).step_count == 5
     assert fastem.AdaptConfig(steps=0).step_count == 0 and fastem.AdaptConfig().num_samples == 8
     for bad in (0, 2.5, True, "eight", "auto"):
         with pytest.raises(ValueError, match="num_samples"):
@@ -107,12 +109,12 @@ def test_steps_are_five_greedy_and_ten_with_beams_of_eight_samples_unless_set(pr
             fastem.AdaptConfig(steps=bad)
 
 
-def test_the_temperature_and_the_gate_resolve_by_decoding():
-    """``temperature`` and ``min_entropy`` "auto": 0.7 and 1.4 nats with greedy decoding (chosen on DEV for it),
-    1.0 and 1.0 with beam search (where the beam option was measured); a number is used as given."""
-    greedy, beams = fastem.AdaptConfig(), fastem.AdaptConfig(num_beams=5)
+def test_the_temperature_and_the_gate_are_one_recipe_whatever_the_decoding():
+    """``temperature`` and ``min_entropy`` "auto": 0.7 and 1.4 nats, with greedy decoding and with beam search (the
+    beam default was chosen on DEV with the greedy recipe); a number is used as given."""
+    greedy, beams = fastem.AdaptConfig(num_beams=1), fastem.AdaptConfig(num_beams=5, draws=1)
     assert (greedy.sample_temperature, greedy.gate_entropy) == (0.7, 1.4)
-    assert (beams.sample_temperature, beams.gate_entropy) == (1.0, 1.0)
+    assert (beams.sample_temperature, beams.gate_entropy) == (0.7, 1.4)
     given = fastem.AdaptConfig(num_beams=5, temperature=2.5, min_entropy=0)
     assert (given.sample_temperature, given.gate_entropy) == (2.5, 0.0)
     for bad in ("hot", 0, -1.0, True):

@@ -62,8 +62,8 @@ def test_reference_count_must_match(jfk):
 def test_demo_runs_on_tiny(capsys):
     assert main(["demo", "--model", "tiny.en", "--steps", "1", "--num-samples", "2", "--snr", "clean,-3"]) == 0
     out = capsys.readouterr().out
-    for label in ("reference :", "before    :", "after     :", "5-beam    :", "WER", "| clean |", "| noise -3 dB |",
-                  "| condition | unadapted | adapted | 5-beam | decided by |"):
+    for label in ("reference :", "greedy    :", "after     :", "5-beam    :", "WER", "| clean |", "| noise -3 dB |",
+                  "| condition | greedy | adapted | 5-beam | decided by |"):
         assert label in out
     assert main(["demo", "--model", "tiny.en", "--steps", "1", "--num-samples", "2", "--min-entropy", "50",
                  "--snr", "-3"]) == 0
@@ -218,8 +218,10 @@ def test_guards_and_max_logp_drop_options(files, fake_model, capsys, monkeypatch
     assert seen[-1] == judge.DEFAULT_GUARDS  # one draw: the scored guards and the verifier's vote judge it
     assert seen[-3] == judge.TEXTUAL_GUARDS + ("likelihood",)  # two draws (auto): a threshold adds the guard
     assert main(["transcribe", files["good"], "--adapt", "--beams", "2"]) == 0
-    assert seen[-1] == judge.BEAM_GUARDS  # with beams the default judge asks the verifier what it hears
-    assert main(["transcribe", files["good"], "--adapt", "--beams", "2", "--verifier", "none"]) == 0
+    assert seen[-1] == judge.TEXTUAL_GUARDS  # two draws with beams: the medoid judges, as with greedy decoding
+    assert main(["transcribe", files["good"], "--adapt", "--beams", "2", "--draws", "1"]) == 0
+    assert seen[-1] == judge.BEAM_GUARDS  # one draw with beams: the default judge asks the verifier what it hears
+    assert main(["transcribe", files["good"], "--adapt", "--beams", "2", "--draws", "1", "--verifier", "none"]) == 0
     assert "agreement" not in seen[-1] and "verifier" not in seen[-1] and "consensus" in seen[-1]
     with pytest.raises(SystemExit):
         main(["transcribe", files["good"], "--adapt", "--guards", "empty,nonsense"])
@@ -234,7 +236,11 @@ def test_decoding_options_reach_transcribe_and_adapt(files, fake_model, monkeypa
     assert main(["transcribe", files["good"], "--adapt", "--beams", "4", "--no-speech-threshold", "none"]) == 0
     assert seen[-1].num_beams == 4 and seen[-1].no_speech_threshold is None
     assert seen[-1].stop_when_settled is False and seen[-1].settle_updates == 0
-    assert seen[-1].steps == "auto" and seen[-1].step_count == 10 and seen[-1].num_samples == 8  # 10: with beams
+    assert seen[-1].steps == "auto" and seen[-1].step_count == 5 and seen[-1].num_samples == 8  # one recipe
+    assert main(["transcribe", files["good"], "--adapt"]) == 0
+    assert seen[-1].num_beams == "auto" and seen[-1].beam_count == 5  # the default: beams, with two draws
+    assert main(["transcribe", files["good"], "--adapt", "--draws", "1"]) == 0
+    assert seen[-1].beam_count == 1  # one draw: greedy unless --beams says otherwise
     for value, steps in (("auto", 5), ("3", 3)):
         assert main(["transcribe", files["good"], "--adapt", "--steps", value]) == 0
         assert seen[-1].step_count == steps

@@ -112,11 +112,12 @@ def test_guards_names_every_guard_that_runs(processor):
     assert fastem.AdaptConfig().active_guards == judge.TEXTUAL_GUARDS == ("empty", "non_speech", "repetition", "length")
     assert fastem.AdaptConfig(draws=2, guards=("verifier",)).active_guards == ("verifier",)  # named: as named
     # with beams the second checkpoint's own transcript (agreement) replaces its log-prob vote (DEV, RESULTS.md)
-    assert fastem.AdaptConfig(num_beams=5).active_guards == judge.BEAM_GUARDS
+    assert fastem.AdaptConfig(num_beams=5, draws=1).active_guards == judge.BEAM_GUARDS  # one draw
+    assert fastem.AdaptConfig(num_beams=5).active_guards == judge.TEXTUAL_GUARDS  # two draws: the medoid, as greedy
     assert set(judge.BEAM_GUARDS) == set(judge.DEFAULT_GUARDS) - {"verifier"} | {"agreement"}
     assert fastem.AdaptConfig(num_beams=5, guards=("verifier",)).active_guards == ("verifier",)  # named: as named
     with pytest.raises(ValueError, match="leave 'agreement' out of guards"):
-        fastem.AdaptConfig(num_beams=5, verifier=None)
+        fastem.AdaptConfig(num_beams=5, draws=1, verifier=None)
     assert "verifier" in judge.DEFAULT_GUARDS and "likelihood" not in judge.DEFAULT_GUARDS  # DEV: off, RESULTS.md
     assert set(judge.DEFAULT_GUARDS) == set(judge.GUARDS) - {"likelihood", "agreement"}  # both opt in
     assert fastem.AdaptConfig(guards=()).guards == ()
@@ -145,7 +146,7 @@ def test_likelihood_decides_on_the_loops_own_scores(processor):
     model = tiny_whisper(seed=5)  # here the source model finds the adapted transcript ~0.04 nats less likely
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(1)) * 0.1
     kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=5e-2, max_new_tokens=6, min_entropy=0.0)
-    kw.update(guards=("likelihood",), verifier=None)
+    kw.update(guards=("likelihood",), verifier=None, num_beams=1)
     free = fastem.adapt(model, audio, max_seq_logp_drop=1e9, **kw)  # scored, never fires
     assert free.tokens_adapted != free.tokens_before  # the setting changes the transcript: the test can fail
     before = judge.sequence_logp(free.scores["source_before"], free.tokens_before)
@@ -292,13 +293,14 @@ def test_likelihood_guard_abstains_with_beam_search_unless_asked():
     before = SimpleNamespace(text="a b", ids=[1, 2])
     after = SimpleNamespace(text="a c", ids=[1, 3])
     scores = dict(source_before=-0.1, source_after=-5.0)  # 14.7 nats less likely as a whole
-    greedy = judge.evidence(fastem.AdaptConfig(), before, after, 1.0, scores)
+    greedy = judge.evidence(fastem.AdaptConfig(num_beams=1), before, after, 1.0, scores)
     assert greedy.max_seq_logp_drop == 2.0 and judge.likelihood(greedy) is not None
     beams = judge.evidence(fastem.AdaptConfig(num_beams=5), before, after, 1.0, scores)
     assert beams.max_seq_logp_drop is None and judge.likelihood(beams) is None
     asked = judge.evidence(fastem.AdaptConfig(num_beams=5, max_seq_logp_drop=2.0), before, after, 1.0, scores)
     assert judge.likelihood(asked) is not None
-    assert fastem.AdaptConfig(max_seq_logp_drop="auto").seq_logp_limit == 2.0
+    assert fastem.AdaptConfig(max_seq_logp_drop="auto", num_beams=1).seq_logp_limit == 2.0
+    assert fastem.AdaptConfig().seq_logp_limit is None  # the default decodes with beams
     for bad in ("bogus", True, None):
         with pytest.raises(ValueError, match="max_seq_logp_drop"):
             fastem.AdaptConfig(max_seq_logp_drop=bad)
@@ -358,3 +360,19 @@ def test_choose_returns_a_change_only_when_the_draws_agree_on_it():
     assert judge.choose(before, [change, other, change], [ok, ok, ok])[0] == 0
     assert judge.choose(before, [other, change, change], [ok, ok, ok])[0] == 0
     assert judge.choose(before, [other, change, change, change], [ok, ok, ok, ok])[0] == 2
+
+
+def test_a_vote_joins_the_medoid_before_the_unadapted_transcript():
+    """With beam search the source model's greedy transcript is a candidate too (``votes``, first): it can carry a
+    draw's change that the unadapted transcript alone would outvote; a vote saying what a draw says returns that
+    draw; a vote saying what no other says, chosen, is returned as pick -1 with the medoid as what fired."""
+    before, change, other = _transcript("the cat sat on the mat"), _transcript("the cat sat on a mat"), \
+        _transcript("the bat sat on the rug")
+    ok = ({"empty": None}, None)
+    assert judge.choose(before, [change, other], [ok, ok])[0] == 0  # without the vote: the unadapted transcript
+    pick, (found, why) = judge.choose(before, [change, other], [ok, ok], votes=[_transcript("the cat sat on a mat")])
+    assert pick == 1 and why is None and found["medoid"] is None  # greedy decoding agrees with draw 1: it is kept
+    b, d1, d2, g = (_transcript(t) for t in ("a b c d", "a x c d", "a b y d", "a x y d"))  # every one ties at 4
+    pick, (found, why) = judge.choose(b, [d1, d2], [ok, ok], votes=[g])
+    assert pick == -1 and why == ("medoid", "the medoid is the source model's greedy transcript") == ("medoid", found["medoid"])
+    assert judge.choose(b, [d1, d2], [ok, ok], votes=[_transcript("a b c d")])[0] == 0  # a vote for no change

@@ -175,7 +175,7 @@ def test_the_default_loads_the_auto_verifier_in_the_loop(processor, monkeypatch)
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
     _force_change(monkeypatch)
     fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
-                 min_entropy=0.0)
+                 min_entropy=0.0, num_beams=1)  # (greedy: _force_change counts the two transcripts of a call)
     assert loaded == []  # two draws (the default): their medoid, no verifier
     fastem.adapt(model, audio, processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6,
                  min_entropy=0.0, draws=1)
@@ -207,7 +207,7 @@ def test_the_verifier_transcribes_for_agreement(processor, monkeypatch):
     monkeypatch.setattr(verifier_module, "load_verifier", lambda name, device: (judge_model, processor))
     _force_change(monkeypatch)  # (counts the pipeline's transcripts: no transcribe call after it)
     kw = dict(processor=processor, language="en", steps=1, num_samples=2, max_new_tokens=6, min_entropy=0.0,
-              verifier="judge-checkpoint")
+              verifier="judge-checkpoint", num_beams=1)
     res = fastem.adapt(model, waves[0], guards=("agreement",), **kw)
     assert res.scores["verifier_text"] == heard
     from fastem.text import normalize, word_errors

@@ -348,7 +348,7 @@ def resolved_adapt_config(overrides: dict[str, Any]) -> dict[str, Any]:
         # setting was written out or left to "auto"
         d = {**dataclasses.asdict(cfg), "max_seq_logp_drop": cfg.seq_logp_limit, "steps": cfg.step_count,
              "guards": cfg.active_guards, "min_entropy": cfg.gate_entropy, "temperature": cfg.sample_temperature,
-             "draws": cfg.draw_count}
+             "draws": cfg.draw_count, "num_beams": cfg.beam_count}
     except Exception:  # noqa: BLE001 - ImportError, TypeError (unknown key), ValueError (unknown value)
         d = dict(overrides)
     d.pop("backend", None)  # the kernel backend does not change the result beyond float rounding
@@ -379,14 +379,17 @@ def config_hash(method: str, domain: Domain, data_seed: int, adapt_cfg: dict | N
 DECODE_FIELDS = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
 
 
-def decode_settings(overrides: dict[str, Any]) -> dict | None:
-    """The decoding rules the unadapted transcripts of a run use (None: a library without them)."""
+def decode_settings(overrides: dict[str, Any], adapted: bool = True) -> dict | None:
+    """The decoding rules the unadapted transcripts of a run use (None: a library without them): an adapted
+    method's (its beams resolved as the call resolves them), or with ``adapted=False`` a plain transcription's
+    (``fastem.transcribe``: greedy unless ``num_beams`` is given)."""
     resolved = resolved_adapt_config(overrides)
     if not all(k in resolved for k in DECODE_FIELDS):
         return None
     out = {k: resolved[k] for k in DECODE_FIELDS}
-    if "num_beams" in resolved:  # beam search (greedy, 1, is left out: rows made before beams existed stay valid)
-        out["num_beams"] = resolved["num_beams"]
+    beams = resolved.get("num_beams", 1) if adapted else overrides.get("num_beams", 1)
+    if beams not in (1, "auto"):  # beam search (greedy is left out: rows made before beams existed stay valid)
+        out["num_beams"] = beams
     return out
 
 
@@ -746,7 +749,7 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
         items = work_items(domain_names, data_dir, cfg.utts_per_domain, max_seconds=cfg.max_seconds)
         mine = shard(items, info.rank, info.world_size)
 
-        decode = decode_settings(cfg.adapt_overrides())
+        decode = decode_settings(cfg.adapt_overrides(), adapted=False)
         # a method's unadapted transcript stands in for `none` only when it is decoded by the same rules
         stands_in = {m: decode_settings(overrides[m]) == decode for m in adapted}
         hashes = {(d, m): config_hash(m, get_domain(d), cfg.data_seed, adapt_cfgs.get(m), cfg.max_new_tokens, decode)

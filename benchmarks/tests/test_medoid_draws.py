@@ -46,3 +46,21 @@ def test_the_draws_agreeing_return_their_change_each_alone_is_outvoted(tmp_path)
 def test_draws_of_different_utterances_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="must cover the same utterances"):
         _compose(tmp_path, [_row("a", "u1", "x"), _row("b", "u2", "x")])
+
+
+def test_the_greedy_vote_joins_the_medoid_first(tmp_path):
+    """``--greedy-vote`` (beam-search draws): the `none` row's greedy transcript is a candidate before the unadapted
+    beam transcript; it carries a draw's change the beam transcript alone would outvote (the pick of the draw that
+    says it), and a greedy transcript no other candidate says, chosen, is returned as pick -1."""
+    none = lambda utt, text: {**_row("none", utt, text), "hyp": text}  # noqa: E731
+    rows = [_row("a", "carry", "the cat sat on a mat"), _row("b", "carry", "the bat sat on the rug"),
+            none("carry", "the cat sat on a mat"),
+            _row("a", "own", "a x c d", before="a b c d"), _row("b", "own", "a b y d", before="a b c d"),
+            none("own", "a x y d")]
+    plain = _compose(tmp_path, rows, "--min-entropy", "1.4")
+    assert plain["carry"]["medoid_pick"] == 0  # without the vote: the unadapted transcript
+    got = _compose(tmp_path, rows, "--min-entropy", "1.4", "--greedy-vote")
+    assert got["carry"]["medoid_pick"] == 1 and got["carry"]["hyp"] == "the cat sat on a mat"
+    assert got["own"]["medoid_pick"] == -1 and got["own"]["hyp"] == "a x y d"
+    with pytest.raises(SystemExit, match="needs a `none` row"):
+        _compose(tmp_path, rows[:2], "--greedy-vote")

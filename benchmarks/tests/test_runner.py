@@ -80,8 +80,11 @@ class BatchingEngine(CountingEngine):
 
 
 def _cfg(data, **kw) -> RunConfig:
+    # greedy decoding shared by every method (the library's default decodes with beams, and then `none` is decoded
+    # apart: test_a_beam_method_never_stands_in_for_the_greedy_none)
     base = dict(model="stub", domains=["clean", "noise_white_5db", "czech"], utts_per_domain=2, steps=2,
-                num_samples=2, data_dir=str(data), engine="stub", progress=False, figure=False)
+                num_samples=2, data_dir=str(data), engine="stub", progress=False, figure=False,
+                adapt_options={"num_beams": 1})
     base.update(kw)
     return RunConfig(**base)
 
@@ -345,9 +348,9 @@ def test_run_passes_each_methods_overrides(synth, tmp_path):
                definitions={"mine": {"objective": "pg", "lr": 1e-3, "params": "decoder"}})
     s = run(cfg, tmp_path, engine=eng)
     assert [c[0] for c in eng.calls] == ["default", "suta", "pg"] * 2
-    assert eng.overrides[:3] == [{"steps": 2, "num_samples": 2, "lr": 1e-4},
-                                 {"steps": 2, "num_samples": 2, "lr": 1e-4, **BUILTIN_METHODS["suta"]},
-                                 {"steps": 2, "num_samples": 2, "lr": 1e-3, "objective": "pg", "params": "decoder"}]
+    shared = {"steps": 2, "num_samples": 2, "num_beams": 1}
+    assert eng.overrides[:3] == [{**shared, "lr": 1e-4}, {**shared, "lr": 1e-4, **BUILTIN_METHODS["suta"]},
+                                 {**shared, "lr": 1e-3, "objective": "pg", "params": "decoder"}]
     rows = _rows(tmp_path)
     assert [r["method"] for r in rows] == ["none", "fastem", "suta", "mine"] * 2
     by = {r["method"]: r for r in rows}
@@ -400,24 +403,28 @@ def test_a_verifier_switched_off_leaves_the_row_key_alone():
     old = resolved_adapt_config(off)
     assert "verifier" not in old and "max_verifier_drop" not in old
     assert resolved_adapt_config({**off, "max_verifier_drop": 0.3}) == old  # a threshold without its verifier
-    default = resolved_adapt_config({})
-    assert default["verifier"] == "auto" and default["max_seq_logp_drop"] == 2.0 and default["max_verifier_drop"] == 0.1
-    rules = decode_settings({})
+    default = resolved_adapt_config({})  # beams: the likelihood guard abstains, so its threshold is left out
+    assert default["verifier"] == "auto" and "max_seq_logp_drop" not in default and default["max_verifier_drop"] == 0.1
+    assert resolved_adapt_config({"num_beams": 1})["max_seq_logp_drop"] == 2.0
+    rules = decode_settings({}, adapted=False)
     assert rules == {"compression_ratio_threshold": 2.4, "logprob_threshold": -1.0, "no_speech_threshold": 0.6}
     assert all(default[k] == v for k, v in rules.items())
     dom = DOMAINS["clean"]
     assert config_hash("none", dom, 0, None) != config_hash("none", dom, 0, None, None, rules)
     assert decode_settings({"logprob_threshold": None})["logprob_threshold"] is None
-    assert "num_beams" not in default and decode_settings({"num_beams": 5})["num_beams"] == 5
-    assert resolved_adapt_config({"num_beams": 5})["num_beams"] == 5
+    assert default["num_beams"] == 5 and decode_settings({})["num_beams"] == 5  # the default adapted call decodes with beams
+    assert "num_beams" not in decode_settings({}, adapted=False)  # `none`, as fastem.transcribe: greedy
+    assert "num_beams" not in resolved_adapt_config({"num_beams": 1}) and "num_beams" not in decode_settings({"draws": 1})
+    assert decode_settings({"num_beams": 5}, adapted=False)["num_beams"] == 5
 
 
 def test_auto_steps_are_keyed_as_the_steps_the_call_takes():
     """``steps="auto"`` is keyed as the steps it resolves to, so rows of written-out steps stay valid."""
     assert resolved_adapt_config({})["steps"] == 5 and resolved_adapt_config({})["num_samples"] == 8
     assert resolved_adapt_config({}) == resolved_adapt_config({"steps": 5, "num_samples": 8})
-    assert resolved_adapt_config({"num_beams": 5}) == resolved_adapt_config({"num_beams": 5, "steps": 10})
-    assert resolved_adapt_config({"num_beams": 5}) != resolved_adapt_config({"num_beams": 5, "steps": 5})
+    assert resolved_adapt_config({"num_beams": 5}) == resolved_adapt_config({"num_beams": 5, "steps": 5})  # one recipe
+    assert resolved_adapt_config({"num_beams": 5}) != resolved_adapt_config({"num_beams": 5, "steps": 10})
+    assert resolved_adapt_config({}) == resolved_adapt_config({"num_beams": 5, "draws": 2})  # "auto", written out
 
 
 def test_changing_a_definition_reruns_only_that_method(synth, tmp_path):
@@ -615,7 +622,7 @@ def test_screen_items_are_the_first_items_of_dev(synth, tmp_path):
     eng = CountingEngine()
     eng.model_name = "stub:base"
     s = run(RunConfig.from_profile("dev", **kw), tmp_path, engine=eng)
-    assert len(eng.calls) == (len(dev_items) - len(scr_items)) * 5
+    assert len(eng.calls) == (len(dev_items) - len(scr_items)) * 6  # 5 methods decoding with beams, and `none`
     assert s["meta"]["items"] == len(dev_items) and s["meta"]["missing_rows"] == 0
 
 
