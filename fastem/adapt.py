@@ -309,7 +309,7 @@ def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript
     cases = [_judge.Case(before[b], t, call.waves[b], call.prompts[b].language, call.seconds[b], sc, call.budgets[b])
              for b, t, sc in zip(call.slots, adapted, scores)]
     verdicts = _judge.judge(call.cfg, call.model, cases, score_both)
-    votes = _greedy_votes(call, call.slots[::draws]) if draws > 1 and call.cfg.greedy_vote else None
+    votes = _greedy_votes(call, call.slots[::draws]) if call.cfg.greedy_vote else None
     kept, judged = list(before), {}
     for n, lo in enumerate(range(0, len(call.slots), draws)):
         b, own = call.slots[lo], range(lo, lo + draws)
