@@ -151,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="adapt on a bundled real clip with real noise added; print WER before/after")
     _add_method_args(d)
-    d.add_argument("--snr", type=_snrs, default=(None, 5.0, -3.0), metavar="LIST",
+    d.add_argument("--snr", type=_snrs, default=(None, 5.0, -3.0, -6.0), metavar="LIST",
                    help="conditions: comma-separated SNRs in dB of the added real noise, 'clean' for none "
-                        "(default clean,5,-3)")
+                        "(default clean,5,-3,-6)")
     return parser
 
 

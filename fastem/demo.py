@@ -48,7 +48,7 @@ def _decided(res) -> str:
     return "adapted" if res.text != res.text_before else "adapted, same text"
 
 
-def run_demo(*, model_name: str = "base", device=None, snrs=(None, 5.0, -3.0), config: AdaptConfig | None = None,
+def run_demo(*, model_name: str = "base", device=None, snrs=(None, 5.0, -3.0, -6.0), config: AdaptConfig | None = None,
              language: str | None = None, beams: int = 5) -> int:
     """Adapt on each condition (``snrs``: dB of the bundled noise, None for the clean clip) and print a table."""
     from .adapt import transcribe
