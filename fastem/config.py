@@ -348,13 +348,15 @@ class AdaptResult:
     """What one call returns (per utterance or recording).
 
     text / tokens:               the transcript returned: the adapted one, or the unadapted one when a
-                                 guard fired.
+                                 guard fired (with beam search and several draws, possibly the greedy one the
+                                 medoid chose).
     text_before / tokens_before: the source model's transcript (before any adaptation, also in a
                                  continual :class:`fastem.Adapter`), by Whisper's rules (:mod:`fastem.decoding`).
     text_adapted / tokens_adapted: the adapted model's transcript, whether or not a guard fired (with several
                                  draws: the draw returned, or the first; every draw's is in ``scores["draws"]``).
     guard / guard_reason:        the guard that rejected the adapted transcript and why (None: accepted);
-                                 "medoid": the draws changed the transcript but did not agree on a change.
+                                 "medoid": the draws changed the transcript but did not agree on a change (or,
+                                 with beam search, the medoid is the greedy transcript: ``text`` is it).
     verdicts:                    every guard that ran: its reason when it fired, else None.
     scores:                      the evidence: ``entropy_before`` (the gate's), ``logprob_before`` /
                                  ``logprob_after`` (average log-prob of each transcript under the model that
@@ -365,7 +367,8 @@ class AdaptResult:
                                  adapted model's mean log-prob of each transcript), ``verifier`` (the checkpoint
                                  that voted), ``verifier_before``, ``verifier_after`` or ``verifier_abstained``;
                                  with several draws ``draws`` (each draw's adapted transcript) and ``medoid`` (the
-                                 candidate returned: 0 the unadapted transcript, d draw d).
+                                 candidate returned: 0 the unadapted transcript, d draw d, -1 the greedy vote), with
+                                 beam search ``greedy`` (the source model's greedy transcript, the vote).
     language:                    the language code used (given or detected), None if unknown.
     history:                     one dict per step (of the draw returned, or of the first; ``draw``: which): loss,
                                  entropy (mean token entropy of the step's hypotheses, before the update), length,
