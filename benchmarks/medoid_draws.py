@@ -49,15 +49,13 @@ def compose(first: dict, second: dict, name: str, min_entropy: float, greedy: st
     adapted = first.get("steps_done", 0) > 0 and second.get("steps_done", 0) > 0
     if not adapted or greedy_gate(first, min_entropy):
         hyp, pick = first["text_before"], 0
-    elif greedy is not None:
-        text = [greedy, first["text_before"], candidate(first, first), candidate(second, first)]
-        t = [SimpleNamespace(text=x, ids=None) for x in text]
-        pick, _ = judge.choose(t[1], t[2:], [({}, None)] * 2, first.get("language"), votes=t[:1])
-        hyp = text[pick + 1]
-    else:
-        texts = [first["text_before"], candidate(first, first), candidate(second, first)]
-        pick = judge.medoid(texts, first.get("language"))
-        hyp = texts[pick]
+    else:  # what fastem.judge.choose returns for these candidates
+        votes = [] if greedy is None else [greedy]
+        texts = votes + [first["text_before"], candidate(first, first), candidate(second, first)]
+        t = [SimpleNamespace(text=x, ids=None) for x in texts]
+        pick, _ = judge.choose(t[len(votes)], t[len(votes) + 1:], [({}, None)] * 2, first.get("language"),
+                               votes=t[:len(votes)])
+        hyp = texts[pick + len(votes)]
     return {**first, "method": name, "hyp": hyp, "errors": score(first["ref"], hyp, first["language"])[0],
             "changed": hyp != first["text_before"], "medoid_pick": pick,
             "medoid_of": [first["method"], second["method"]], "redecided": {"min_entropy": min_entropy}}

@@ -318,7 +318,7 @@ def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript
                                         call.prompts[b].language, votes=vote)
         chosen = lo + max(pick - 1, 0)  # the draw returned, or the first where an unadapted transcript is
         after[b] = adapted[chosen]
-        kept[b] = vote[0] if pick < 0 else before[b] if judged[b][1] else after[b]
+        kept[b] = vote[pick] if pick < 0 else before[b] if judged[b][1] else after[b]
         if draws > 1:
             call.scores[b].update(scores[chosen], medoid=pick, draws=[t.text for t in adapted[lo:lo + draws]])
             if vote:
