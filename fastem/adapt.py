@@ -130,6 +130,8 @@ class _Call:
     sample_seconds: float = 0.0
     slots: list[int] | None = None  # the utterance each adapted copy belongs to (``draws`` copies per active one)
     source_cross: CrossKV | None = None  # every utterance's source cross-attention keys/values (before the gate)
+    votes: dict = dataclasses.field(default_factory=dict)     # utterance -> the source's greedy Transcript (a vote)
+    foregone: dict = dataclasses.field(default_factory=dict)  # utterance -> the medoid's pick, decided before adapting
 
     def source_model(self, active: bool = True):
         """Inside the block the model speaks with its source values."""
@@ -209,7 +211,10 @@ def _transcribe_source(call: _Call) -> list[Transcript]:
 
 def _gate(call: _Call, before: list[Transcript]) -> list[str | None]:
     """Phase 3: why each utterance that does not adapt does not (None: it adapts); each one that adapts gets
-    ``cfg.draws`` copies of the adapted parameters (``call.slots``)."""
+    ``cfg.draws`` copies of the adapted parameters (``call.slots``).  With a greedy vote (beam search, several draws)
+    the source model's greedy transcripts are decoded here (``call.votes``), and an utterance whose greedy and beam
+    transcripts say the same words is not adapted: the medoid would return them whatever the draws said
+    (``"agreed"``, :func:`fastem.judge.foregone`); ``min_entropy=0`` adapts it all the same."""
     skipped: list[str | None] = []
     for t in before:
         if not call.cfg.step_count:
@@ -219,8 +224,15 @@ def _gate(call: _Call, before: list[Transcript]) -> list[str | None]:
         else:
             skipped.append(_judge.gate(t.entropy, t.fallback, call.cfg.gate_entropy))
     active = [b for b in range(len(before)) if call.cfg.step_count and skipped[b] is None]
-    call.slots = [b for b in active for _ in range(call.cfg.draws)]
     call.source_cross = call.encoder.cross
+    if call.cfg.greedy_vote and active:
+        call.votes = dict(zip(active, _greedy_votes(call, active)))
+        for b in active if call.cfg.gate_entropy > 0 else ():
+            pick = _judge.foregone(before[b], [call.votes[b]], call.cfg.draws, call.prompts[b].language)
+            if pick is not None:
+                skipped[b], call.foregone[b] = "agreed", pick
+        active = [b for b in active if skipped[b] is None]
+    call.slots = [b for b in active for _ in range(call.cfg.draws)]
     if call.slots and call.slots != list(range(len(before))):  # some not adapted, or several draws of each
         call.binding = Binding(call.model, call.binding.named, len(call.slots))
         call.encoder = call.encoder.select(call.slots)
@@ -280,8 +292,8 @@ def _transcribe_adapted(call: _Call) -> tuple[list[Transcript], CrossKV | None]:
 
 
 def _greedy_votes(call: _Call, utterances: list[int]) -> list[Transcript]:
-    """Phase 6a, with beam search and several draws: the source model's greedy transcript of each adapted utterance
-    (Whisper's rules without the no-speech test: the source's beam transcript decided that), a vote in the medoid."""
+    """With beam search and several draws, in the gate: the source model's greedy transcript of ``utterances`` (Whisper's
+    rules without the no-speech test: the source's beam transcript decided that), a vote in the medoid."""
     rules = dataclasses.replace(call.inputs.rules(call.cfg), no_speech=None)
     with torch.no_grad(), call.source_model(call.learnt):
         return transcripts(call.model, call.processor, call.source_cross.select(utterances),
@@ -292,9 +304,12 @@ def _greedy_votes(call: _Call, utterances: list[int]) -> list[Transcript]:
 def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript], cross) -> tuple[list, list, dict]:
     """Phase 6: the judge on every adapted copy, then per utterance its adapted transcript (the draw chosen, with
     several), the transcript it returns and ``{b: (verdicts, fired)}``."""
-    after = list(before)
+    after, kept = list(before), list(before)
+    for b, pick in call.foregone.items():  # decided at the gate: the greedy vote, or the beam transcript itself
+        kept[b] = call.votes[b] if pick < 0 else before[b]
+        call.scores[b].update(medoid=pick, greedy=call.votes[b].text)
     if not call.slots:
-        return after, list(before), {}
+        return after, kept, {}
     prompts = [call.prompts[b] for b in call.slots]
 
     def score_both(pairs):
@@ -309,11 +324,10 @@ def _judge_phase(call: _Call, before: list[Transcript], adapted: list[Transcript
     cases = [_judge.Case(before[b], t, call.waves[b], call.prompts[b].language, call.seconds[b], sc, call.budgets[b])
              for b, t, sc in zip(call.slots, adapted, scores)]
     verdicts = _judge.judge(call.cfg, call.model, cases, score_both)
-    votes = _greedy_votes(call, call.slots[::draws]) if call.cfg.greedy_vote else None
-    kept, judged = list(before), {}
-    for n, lo in enumerate(range(0, len(call.slots), draws)):
+    judged = {}
+    for lo in range(0, len(call.slots), draws):
         b, own = call.slots[lo], range(lo, lo + draws)
-        vote = [votes[n]] if votes is not None else []
+        vote = [call.votes[b]] if b in call.votes else []
         pick, judged[b] = _judge.choose(before[b], [adapted[j] for j in own], [verdicts[j] for j in own],
                                         call.prompts[b].language, votes=vote)
         chosen = lo + max(pick - 1, 0)  # the draw returned, or the first where an unadapted transcript is

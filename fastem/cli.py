@@ -282,6 +282,8 @@ def cmd_transcribe(args) -> int:
                                steps=0 if out.skipped else cfg.step_count)
                     if out.skipped == "confident":
                         row.update(confident=True)
+                    elif out.skipped:
+                        row.update(skipped=out.skipped)
                     if out.guard:
                         row.update(guard=out.guard, guard_reason=out.guard_reason)
                 else:
@@ -323,6 +325,7 @@ def _print_row(row: dict, as_json: bool) -> None:
         wer = f"  [WER {row['wer_after']:.1%}]" if "wer_after" in row else ""
         guard = f"; guard {row['guard']}: {row['guard_reason']}, unadapted kept" if row.get("guard") else ""
         guard += "; confident: not adapted" if row.get("confident") else ""
+        guard += "; greedy and beam agree: not adapted" if row.get("skipped") == "agreed" else ""
         print(f"   {'after':>9}: {row['after']}{wer}   ({row['steps']} steps{guard})")
     sys.stdout.flush()
 

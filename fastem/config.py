@@ -67,7 +67,9 @@ class AdaptConfig:
     num_beams:      1 decodes greedily; k > 1 decodes every transcript (the source model's, each draw's adapted
                     one) by beam search with k beams, as ``generate(num_beams=k)`` does, and with several draws the
                     source model's greedy transcript joins the medoid as a vote (the candidates: greedy, unadapted beam,
-                    each draw's; ``result.scores["medoid"] == -1`` when the greedy one is returned).  "auto" (default):
+                    each draw's; ``result.scores["medoid"] == -1`` when the greedy one is returned).  Where the greedy
+                    and the beam transcript say the same words the medoid returns them whatever the draws say, so the
+                    utterance is not adapted (``result.skipped == "agreed"``, :func:`fastem.judge.foregone`).  "auto" (default):
                     5 with several draws (chosen on DEV: RESULTS.md, "Beam search with a greedy vote"), else 1 (a
                     continual :class:`fastem.Adapter`, an in-place parameter set, a language model).  ``transcribe``
                     decodes greedily unless given ``num_beams``.
@@ -80,7 +82,8 @@ class AdaptConfig:
     **The judge** (:mod:`fastem.judge`): which utterances adapt and which adapted transcripts are kept
 
     min_entropy:    the gate: an utterance whose unadapted transcript (of the call's decoding) has a mean next-token
-                    entropy below this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all.  "auto"
+                    entropy below this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all (with a greedy
+                    vote, those below too: ``"agreed"``).  "auto"
                     (default): 1.4 (chosen on DEV with the temperature below, leaving one domain out: RESULTS.md, "The
                     gate, chosen leaving one domain out").
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
@@ -379,7 +382,10 @@ class AdaptResult:
     sample_tokens / sample_seconds: tokens drawn by the sampling loop for the history's draw, and the time spent
                                  in it (every draw).
     skipped:                     why nothing was adapted: "silence" (digital silence), "no_speech"
-                                 (Whisper's no-speech rule), "confident" (the gate), else None.
+                                 (Whisper's no-speech rule), "confident" (the gate), "agreed" (with a greedy
+                                 vote: the source model's greedy and beam transcripts say the same words, so
+                                 no draw could change what the medoid returns; ``text`` is the greedy one),
+                                 else None.
     windows:                     for a recording over 30 s, the result of each window (cut at pauses,
                                  each adapted on its own); the fields above join them.
     """

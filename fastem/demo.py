@@ -39,6 +39,8 @@ def noisy_sample(snr_db: float | None) -> tuple[torch.Tensor, str, str]:
 def _decided(res) -> str:
     if res.skipped == "confident":
         return "gate: sure of it"
+    if res.skipped == "agreed":
+        return "gate: greedy = beam"
     if res.skipped:
         return res.skipped
     if res.guard == "medoid":
@@ -87,6 +89,9 @@ def run_demo(*, model_name: str = "base", device=None, snrs=(None, 5.0, -3.0, -6
         elif res.skipped == "confident":
             print(f"adaptation: not run, the model is sure of this clip (mean token entropy "
                   f"{res.scores['entropy_before']:.3f} < min_entropy {cfg.gate_entropy:g})")
+        elif res.skipped == "agreed":
+            print("adaptation: not run, the greedy and the beam transcript say the same words (the medoid would "
+                  "return them whatever the draws said)")
     print(f"\n| condition | greedy | adapted | {beams}-beam | decided by | adapt s | beam s |")
     print("|---|---:|---:|---:|---|---:|---:|")
     for label, wer, decided, secs, beam_secs in rows:

@@ -214,6 +214,31 @@ def medoid(texts: list[str], language: str | None = None) -> int:
     return cost.index(min(cost))
 
 
+def foregone(before, votes: list, draws: int, language: str | None = None) -> int | None:
+    """What :func:`choose` returns whatever ``draws`` adapted transcripts it is given, when that is decided already:
+    ``pick`` as :func:`choose` names it (``-v`` for ``votes[-v]``, 0 for ``before``), else ``None``.
+
+    It is decided when the unadapted candidates (``votes`` and ``before``) all say the same words and there are no
+    more draws than they are: word edit distance is a metric, so a draw ``X`` costs at least ``m d(X, U)`` for the
+    ``m`` unadapted candidates ``U`` plus its distances to the other draws, and by the triangle inequality that is
+    no less than what the first candidate costs when ``draws <= m``; ties go to the earliest, the first vote.  (With
+    beam search the source model's greedy and beam transcripts agreeing: adapting cannot change what is returned.)
+    The text returned is the first vote's; :func:`choose` may name another candidate of the very same text."""
+    from .text import normalize
+
+    unadapted = list(votes) + [before]
+    if not votes or draws > len(unadapted):
+        return None
+    lang = language or "en"
+    words = normalize(unadapted[0].text, lang).split()
+    if any(normalize(u.text, lang).split() != words for u in unadapted[1:]):
+        return None
+    texts = [u.text for u in unadapted]
+    if texts[0] in texts[len(votes):]:  # as choose does: a vote saying what before says is before
+        return 0
+    return -len(votes)
+
+
 def choose(before, drafts: list, judged: list[tuple[dict, tuple[str, str] | None]],
            language: str | None = None, votes: list = ()) -> tuple[int, tuple[dict, tuple[str, str] | None]]:
     """What one utterance returns of its adapted ``drafts`` (one per draw, :class:`fastem.decoding.Transcript`) given

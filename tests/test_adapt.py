@@ -599,6 +599,28 @@ def test_with_beams_the_greedy_transcript_votes_in_the_medoid(model, processor):
     assert len(picks) > 1  # the seeds reach more than one outcome: the comparison can fail
 
 
+def test_where_greedy_and_beam_agree_the_call_does_not_adapt_and_returns_what_adapting_would(model, processor):
+    """With the gate on (``min_entropy`` above 0), an utterance whose greedy and beam transcripts say the same words is
+    not adapted (``skipped == "agreed"``, no history) and returns the very text the call forced past the gate
+    (``min_entropy=0``: adapting, two draws, the medoid) returns; where they differ the two calls are one call."""
+    outcomes = set()
+    for seed, tokens in ((0, 1), (1, 4), (2, 1), (3, 4)):  # the random model's greedy and beam agree on one token
+        kw = {**DRAWS_KW, "num_beams": 3, "max_new_tokens": tokens}
+        audio = speechlike(seed=seed)
+        gated = fastem.adapt(model, audio, processor=processor, draws=2, seed=seed, **{**kw, "min_entropy": 1e-6})
+        forced = fastem.adapt(model, audio, processor=processor, draws=2, seed=seed, **kw)
+        assert gated.text == forced.text and gated.text_before == forced.text_before
+        assert gated.scores["greedy"] == forced.scores["greedy"]
+        if gated.skipped == "agreed":
+            assert not gated.history and forced.history and gated.text == forced.scores["greedy"]
+            assert gated.text_adapted == gated.text_before and gated.guard is None
+        else:
+            assert gated.skipped is None and gated.scores["draws"] == forced.scores["draws"]
+            assert gated.scores["medoid"] == forced.scores["medoid"] and gated.guard == forced.guard
+        outcomes.add(gated.skipped)
+    assert outcomes == {"agreed", None}  # both branches reached: the comparison can fail
+
+
 def test_draws_resolve_to_one_where_only_one_copy_can_adapt(model, processor):
     kw = dict(processor=processor, **DRAWS_KW)
     assert AdaptConfig().draw_count == 2 and AdaptConfig(num_beams=3).draw_count == 2

@@ -8,6 +8,7 @@ import torch
 
 import fastem
 from fastem import decoding, judge
+from fastem.text import normalize
 from tiny_whisper import teacher_forced_mean_logp, tiny_whisper
 
 adapt_module = importlib.import_module("fastem.adapt")
@@ -185,7 +186,7 @@ def test_a_looping_greedy_transcript_falls_back_to_sampling(processor):
     assert fastem.adapt(model, audio, steps=0, **kw).tokens_before == first.tokens_before  # seeded
     assert fastem.transcribe(model, audio, **kw) == first.text
     # a loop is not confidence: adapted even where the gate would skip everything else
-    gated = fastem.adapt(model, audio, steps=1, num_samples=2, min_entropy=1e6, **kw)
+    gated = fastem.adapt(model, audio, steps=1, num_samples=2, min_entropy=1e6, num_beams=1, **kw)
     assert gated.skipped is None and len(gated.history) == 1
     calm = fastem.adapt(tiny_whisper(), audio, steps=1, num_samples=2, min_entropy=1e6, processor=processor,
                         language="en", max_new_tokens=12, **PLAIN)
@@ -222,12 +223,10 @@ def test_a_guard_that_fires_in_the_loop_returns_the_unadapted_transcript(process
     model = tiny_whisper()
     audio = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 0.1
     real = adapt_module.transcripts
-    calls = {"n": 0}
 
     def looping(*args, **kwargs):
-        calls["n"] += 1
         out = real(*args, **kwargs)
-        if calls["n"] == 2:  # the transcript after adaptation (the guard is what is left when sampling fails)
+        if kwargs.get("over") is not None:  # the transcripts after adaptation (given the adapted copies)
             return [decoding.Transcript("la la la la la la la la la la", [100] * 10, -0.1) for _ in out]
         return out
 
@@ -376,3 +375,44 @@ def test_a_vote_joins_the_medoid_before_the_unadapted_transcript():
     pick, (found, why) = judge.choose(b, [d1, d2], [ok, ok], votes=[g])
     assert pick == -1 and why == ("medoid", "the medoid is the source model's greedy transcript") == ("medoid", found["medoid"])
     assert judge.choose(b, [d1, d2], [ok, ok], votes=[_transcript("a b c d")])[0] == 0  # a vote for no change
+
+
+def _returned(before, drafts, judged, votes):
+    """The text a call returns given :func:`fastem.judge.choose`'s pick (as ``fastem.adapt`` keeps it)."""
+    pick, (_, fired) = judge.choose(before, drafts, judged, votes=votes)
+    return votes[pick].text if pick < 0 else before.text if fired or pick == 0 else drafts[pick - 1].text
+
+
+def test_foregone_is_what_choose_returns_whatever_the_draws():
+    """When the greedy vote and the unadapted beam transcript say the same words, no two draws (any words, any guard
+    verdicts) change what ``choose`` returns: the vote's text.  Random word strings over a small vocabulary, so the
+    draws often agree with each other, with the unadapted transcripts, or sit between them; and the bound is
+    tight: three agreeing draws outvote two unadapted transcripts."""
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "bat"]
+    ok, fired = ({}, None), ({"length": "x"}, ("length", "x"))
+
+    def text(n=None):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(0, 5) if n is None else n))
+
+    decided = 0
+    for _ in range(600):
+        g = text()
+        beam = rng.choice([g, g.upper() + ".", g + ",", text()])  # the same words (other casing, punctuation) or not
+        vote, before = _transcript(g), _transcript(beam)
+        pick = judge.foregone(before, [vote], draws=2)
+        drafts = [_transcript(rng.choice([text(), g, beam, text(len(g.split()))])) for _ in range(2)]
+        verdicts = [rng.choice([ok, ok, fired]) for _ in drafts]
+        same_words = normalize(g).split() == normalize(beam).split()
+        assert (pick is not None) == same_words
+        if pick is not None:
+            decided += 1
+            assert pick == (0 if beam == g else -1)
+            assert _returned(before, drafts, verdicts, [vote]) == g
+    assert 100 < decided < 600
+    assert judge.foregone(_transcript("a b"), [], draws=2) is None  # no vote: two agreeing draws outvote before
+    assert judge.foregone(_transcript("a b"), [_transcript("a b")], draws=3) is None
+    three = [_transcript("x y")] * 3
+    assert _returned(_transcript("a b"), three, [ok] * 3, [_transcript("a b")]) == "x y"  # why three draws are not

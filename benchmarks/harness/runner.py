@@ -420,6 +420,7 @@ class AdaptOutput:
     # AdaptResult.verdicts: every check's verdict, {check name: reason it fired, or None when it passed};
     # None when the library does not report them (rows then have no "verdicts" key)
     verdicts: dict[str, str | None] | None = None
+    skipped: str | None = None  # AdaptResult.skipped: why the utterance was not adapted ("confident", "agreed", ...)
 
 
 def _output(res, wall: float, batch_items: int = 1) -> AdaptOutput:
@@ -436,7 +437,7 @@ def _output(res, wall: float, batch_items: int = 1) -> AdaptOutput:
                        scores=dict(getattr(res, "scores", None) or {}),
                        tokens_before=_ids(getattr(res, "tokens_before", None)),
                        tokens_adapted=_ids(getattr(res, "tokens_adapted", None)),
-                       verdicts=_verdicts(getattr(res, "verdicts", None)))
+                       verdicts=_verdicts(getattr(res, "verdicts", None)), skipped=getattr(res, "skipped", None))
 
 
 def _verdicts(verdicts) -> dict[str, str | None] | None:
@@ -821,6 +822,8 @@ def run(cfg: RunConfig, out_dir: str | os.PathLike, *, engine=None) -> dict | No
                    "batch_items": res.batch_items, "adapt": adapt_cfgs[m], **_history_summary(res.history)}
             if res.verdicts is not None:  # every check's verdict (evidence only: in no hash or key)
                 row["verdicts"] = res.verdicts
+            if res.skipped is not None:
+                row["skipped"] = res.skipped
             _append_row(my_file, row)
             new_rows.append(row)
 
