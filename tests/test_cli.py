@@ -38,6 +38,13 @@ def test_transcribe_adapt_prints_before_and_after(jfk, capsys):
     assert "(0 steps; confident: not adapted)" in capsys.readouterr().out
 
 
+def test_a_clip_whose_greedy_and_beam_transcripts_agree_says_so(capsys):
+    from fastem.cli import _print_row
+
+    _print_row({"file": "a.flac", "seconds": 1.0, "before": "yes", "after": "yes", "steps": 0, "skipped": "agreed"}, False)
+    assert "(0 steps; greedy and beam agree: not adapted)" in capsys.readouterr().out
+
+
 def test_transcribe_reports_bad_files_and_fails(tmp_path, jfk, capsys):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"not audio at all")
