@@ -69,10 +69,10 @@ class AdaptConfig:
                     source model's greedy transcript joins the medoid as a vote (the candidates: greedy, unadapted beam,
                     each draw's; ``result.scores["medoid"] == -1`` when the greedy one is returned).  Where the greedy
                     and the beam transcript say the same words the medoid returns them whatever the draws say, so the
-                    utterance is not adapted (``result.skipped == "agreed"``, :func:`fastem.judge.foregone`).  "auto" (default):
-                    5 with several draws (chosen on DEV: RESULTS.md, "Beam search with a greedy vote"), else 1 (a
-                    continual :class:`fastem.Adapter`, an in-place parameter set, a language model).  ``transcribe``
-                    decodes greedily unless given ``num_beams``.
+                    utterance is not adapted (``result.skipped == "agreed"``, :func:`fastem.judge.foregone`).
+                    "auto" (default): 5 with several draws (chosen on DEV: RESULTS.md, "Beam search with a greedy
+                    vote"), else 1 (a continual :class:`fastem.Adapter`, an in-place parameter set, a language model).
+                    ``transcribe`` decodes greedily unless given ``num_beams``.
     task:           "transcribe" or "translate" (multilingual checkpoints).
     max_new_tokens: cap on generated tokens; None: 10 per second of audio + 20.
     seed:           seeds the sampler: a call is reproducible on the same device.
@@ -82,10 +82,10 @@ class AdaptConfig:
     **The judge** (:mod:`fastem.judge`): which utterances adapt and which adapted transcripts are kept
 
     min_entropy:    the gate: an utterance whose unadapted transcript (of the call's decoding) has a mean next-token
-                    entropy below this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all (with a greedy
-                    vote, those below too: ``"agreed"``).  "auto"
-                    (default): 1.4 (chosen on DEV with the temperature below, leaving one domain out: RESULTS.md, "The
-                    gate, chosen leaving one domain out").
+                    entropy below this (nats) is not adapted (``result.skipped == "confident"``); 0 adapts all, also those
+                    whose greedy and beam transcripts agree (``"agreed"``, see ``num_beams``).  "auto" (default): 1.4
+                    (chosen on DEV with the temperature below, leaving one domain out: RESULTS.md, "The gate, chosen
+                    leaving one domain out").
     guards:         the names of every guard that runs after adaptation (:data:`fastem.judge.GUARDS`); when
                     one fires the unadapted transcript is returned (with several draws: stands in for that draw's
                     transcript before the medoid); ``()``: none.  "auto" (default): with several draws the textual

@@ -5,7 +5,9 @@ Four kinds of check, each a small function of the evidence it names:
 * **The gate** (before adapting): an utterance the source model is already sure of is not adapted
   (:func:`gate`: mean next-token entropy along its greedy transcript below ``min_entropy``), unless
   its greedy transcript needed Whisper's fallback (a loop, or too unlikely: not confidence).  A window
-  that Whisper's no-speech rule calls silence is not adapted either (:mod:`fastem.decoding`).
+  that Whisper's no-speech rule calls silence is not adapted either (:mod:`fastem.decoding`), nor, with beam
+  search and two draws, one whose greedy and beam transcripts agree: the medoid's outcome is then decided
+  (:func:`foregone`).
 * **The guards** (after adapting): when the adapted transcript is not to be trusted, the unadapted one
   is returned.  Entropy minimization can find shortcuts: a confident repetition loop, an empty
   transcript, a "[Music]" hallucination, words appended beyond the audio, or a fluent sentence the
