@@ -9,10 +9,10 @@ Rows (each timed on the real path, ``fastem.adapt`` itself, medians over ``--rep
 * ``adapt``: the default ``fastem.adapt`` (``AdaptConfig()``), and its ratio to ``transcribe``
   (the cost of adapting in units of recognizing) and its real-time factor; whether the ``min_entropy``
   gate skipped the clip, and ``adapt_forced``: the same config with the gate off (a clip it adapts).
-* ``step``: one adaptation step of ``adapt`` (its ``history`` seconds) with all LayerNorms and
-  K = 4, against a straightforward step built on ``generate``: K samples from
-  ``generate(do_sample=True, num_return_sequences=K)``, a teacher-forced forward with full logits
-  (encoder included), backward.
+* ``step``: one adaptation step of ``adapt`` (its ``history`` seconds; one draw) with all LayerNorms and
+  K = 4 (``step_*``) and with the default's K and temperature (``step8_*``), against a straightforward step
+  built on ``generate``: K samples from ``generate(do_sample=True, num_return_sequences=K)``, a
+  teacher-forced forward with full logits (encoder included), backward.
 * ``define``: each ``--define NAME=key=value;key=value`` config (the syntax of ``wer_domains.py``), forced
   past the gate, in units of the plain transcription: a candidate default's cost beside today's.
 * ``beam``: ``transcribe(num_beams=k)`` and ``adapt(num_beams=k)`` forced past the gate, in units of a
