@@ -134,26 +134,25 @@ def _beam_rows(rows, model, audio, cfg, kw, k, repeats) -> None:
 def _step_rows(rows, model, audio, kw, context, repeats) -> None:
     """One step, all LayerNorms, one draw: fastem's real path vs the straightforward one, with K = 4 (the
     ``step_*`` rows, as first measured) and with the default's K = 8 at its temperature (``step8_*``)."""
-    res = fastem.adapt(model, audio, steps=4, params="layernorm", num_samples=4, guards=(), min_entropy=0.0, draws=1,
-                       **kw)
-    rows["step_fastem_s"] = statistics.median(h["seconds"] for h in res.history[1:])
-    res = fastem.adapt(model, audio, steps=4, params="layernorm", num_samples=4, guards=(), min_entropy=0.0, draws=1,
-                       encoder_context="clip", **kw)
-    rows["step_fastem_clip_s"] = statistics.median(h["seconds"] for h in res.history[1:])
     feats, _, prompts, budget = context
     params = [p for _, p in fastem.params.select_parameters(model, "layernorm")]
-    torch.manual_seed(0)
-    rows["step_straightforward_s"] = median_seconds(
-        lambda: straightforward_step(model, feats, prompts[0].ids, prompts[0].eos_id, 4, budget, params), repeats)
+
+    def fastem_step(**over) -> float:  # the median of a call's steps after the first
+        res = fastem.adapt(model, audio, steps=4, params="layernorm", guards=(), min_entropy=0.0, draws=1, **over, **kw)
+        return statistics.median(h["seconds"] for h in res.history[1:])
+
+    def straightforward(k: int, temperature: float = 1.0) -> float:
+        torch.manual_seed(0)
+        return median_seconds(lambda: straightforward_step(model, feats, prompts[0].ids, prompts[0].eos_id, k, budget,
+                                                           params, temperature=temperature), repeats)
+
+    rows["step_fastem_s"] = fastem_step(num_samples=4)
+    rows["step_fastem_clip_s"] = fastem_step(num_samples=4, encoder_context="clip")
+    rows["step_straightforward_s"] = straightforward(4)
     rows["step_speedup"] = rows["step_straightforward_s"] / rows["step_fastem_s"]
-    k, temperature = fastem.AdaptConfig().num_samples, fastem.AdaptConfig().sample_temperature
-    res = fastem.adapt(model, audio, steps=4, params="layernorm", num_samples=k, guards=(), min_entropy=0.0, draws=1,
-                       **kw)
-    rows["step8_fastem_s"] = statistics.median(h["seconds"] for h in res.history[1:])
-    torch.manual_seed(0)
-    rows["step8_straightforward_s"] = median_seconds(
-        lambda: straightforward_step(model, feats, prompts[0].ids, prompts[0].eos_id, k, budget, params,
-                                     temperature=temperature), repeats)
+    default = fastem.AdaptConfig()
+    rows["step8_fastem_s"] = fastem_step(num_samples=default.num_samples)
+    rows["step8_straightforward_s"] = straightforward(default.num_samples, default.sample_temperature)
     rows["step8_speedup"] = rows["step8_straightforward_s"] / rows["step8_fastem_s"]
     rows["rss_after_step_MiB"] = _rss_mib()
 

@@ -227,11 +227,12 @@ def _gate(call: _Call, before: list[Transcript]) -> list[str | None]:
     call.source_cross = call.encoder.cross
     if call.cfg.greedy_vote and active:
         call.votes = dict(zip(active, _greedy_votes(call, active)))
-        for b in active if call.cfg.gate_entropy > 0 else ():
-            pick = _judge.foregone(before[b], [call.votes[b]], call.cfg.draws, call.prompts[b].language)
-            if pick is not None:
-                skipped[b], call.foregone[b] = "agreed", pick
-        active = [b for b in active if skipped[b] is None]
+        if call.cfg.gate_entropy > 0:  # (min_entropy=0 adapts every utterance)
+            for b in active:
+                pick = _judge.foregone(before[b], [call.votes[b]], call.cfg.draws, call.prompts[b].language)
+                if pick is not None:
+                    skipped[b], call.foregone[b] = "agreed", pick
+            active = [b for b in active if skipped[b] is None]
     call.slots = [b for b in active for _ in range(call.cfg.draws)]
     if call.slots and call.slots != list(range(len(before))):  # some not adapted, or several draws of each
         call.binding = Binding(call.model, call.binding.named, len(call.slots))
