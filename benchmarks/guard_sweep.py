@@ -67,8 +67,8 @@ def decide(row: dict, max_drop: float | None, max_ratio: float | None, min_entro
     ``seq_drop``: the ``likelihood`` guard (``max_seq_logp_drop``); it needs the rows' token ids (the total
     log-prob is the mean times the token count), rows without them keep their decision."""
     before, after, s = row["before"], row["adapted"], row["scores"]
-    if min_entropy > 0 and s["entropy_before"] < min_entropy:
-        return before
+    if min_entropy > 0 and judge.gate(s["entropy_before"], "fallback_before" in s, min_entropy) is not None:
+        return before  # the library's gate: a transcript that needed Whisper's fallback adapts whatever its entropy
     exact = row.get("tokens_before") is not None and row.get("tokens_adapted") is not None
     ev = judge.Evidence(text_before=before, text_after=after,
                          tokens_before=row["tokens_before"] if exact else before.split(),

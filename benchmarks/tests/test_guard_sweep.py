@@ -32,6 +32,9 @@ def test_gate_and_confidence_thresholds():
     assert sweep.decide(row, max_drop=0.4, max_ratio=None) == "a b c"  # the source model finds it 0.5 nats less likely
     assert sweep.decide(row, max_drop=0.6, max_ratio=None) == "a b d"
     assert sweep.decide(row, max_drop=None, max_ratio=None, min_entropy=2.5) == "a b c"  # gated: not adapted
+    fell_back = _row("a b c", "a b d", tokens_before=[1, 2, 3], tokens_adapted=[1, 2, 4], fallback_before=0.2)
+    # the library's gate: a transcript that needed Whisper's fallback adapts whatever its entropy
+    assert sweep.decide(fell_back, max_drop=None, max_ratio=None, min_entropy=2.5) == "a b d"
 
 
 def test_consensus_margin_matches_the_library_guard_at_zero():

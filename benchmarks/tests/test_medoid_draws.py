@@ -64,3 +64,20 @@ def test_the_greedy_vote_joins_the_medoid_first(tmp_path):
     assert got["own"]["medoid_pick"] == -1 and got["own"]["hyp"] == "a x y d"
     with pytest.raises(SystemExit, match="needs a `none` row"):
         _compose(tmp_path, rows[:2], "--greedy-vote")
+
+
+def test_one_draw_with_the_greedy_vote_is_the_medoid_of_three(tmp_path):
+    """``--draws a`` (one draw): the medoid of [greedy, unadapted beam, the draw]; the draw is returned only when it
+    is nearer the other two than either is, or says what the greedy vote says (the vote is named by the draw that says
+    it, as ``fastem.judge.choose`` names it)."""
+    none = lambda utt, text: {**_row("none", utt, text), "hyp": text}  # noqa: E731
+    rows = [_row("a", "between", "a x c d", before="a b c d"), none("between", "a x y d"),
+            _row("a", "with_greedy", "a x y d", before="a b c d"), none("with_greedy", "a x y d"),
+            _row("a", "alone", "q r s t", before="a b c d"), none("alone", "a b c d")]
+    src, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert medoid_draws.main([str(src), "--draws", "a", "--as", "one", "--out", str(out), "--greedy-vote"]) == 0
+    got = {r["utt_id"]: r for r in map(json.loads, open(out)) if r["method"] == "one"}
+    assert got["between"]["medoid_pick"] == 1 and got["between"]["hyp"] == "a x c d"
+    assert got["with_greedy"]["medoid_pick"] == 1 and got["with_greedy"]["hyp"] == "a x y d"
+    assert got["alone"]["medoid_pick"] == 0 and got["alone"]["medoid_of"] == ["a"]
