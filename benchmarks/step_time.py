@@ -8,6 +8,10 @@ clip is confident, and a benchmark that times adapting must adapt), with timers 
 functions its loop (``fastem.loop``) calls (encoder layers, cross-attention keys/values, sampling,
 scoring + loss); "backward + optimizer" is the rest of each step (``history`` seconds minus the timed
 phases).  Prints the median over the steps after the first of each phase and of the whole step.
+
+``--call N``: also where a whole call of the default goes (``fastem.adapt`` with its defaults, the gate forced
+open), by the pipeline's phases (:mod:`fastem.adapt`), in seconds and in greedy transcriptions of the clip timed in
+the same process; N calls after a warm one, the median of each phase.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="base")
     ap.add_argument("--audio", default=None, help="default: the bundled clean sample clip")
-    ap.add_argument("--num-samples", type=int, default=4)
+    ap.add_argument("--num-samples", type=int, default=8, help="K (default: the default's 8)")
     ap.add_argument("--params", default="layernorm")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default=None)
@@ -38,12 +42,16 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", type=int, default=0, metavar="N",
                     help="also profile the steps after the first (torch.profiler) and print the N operators with the "
                          "most self time, by input shape: which matrix products, attention passes and copies a step is")
+    ap.add_argument("--call", type=int, default=0, metavar="N",
+                    help="also time N whole calls of the default (the gate forced open) by the pipeline's phases")
     args = ap.parse_args(argv)
 
     from fastem.samples import sample_paths
 
     model, processor = fastem.load_whisper(args.model, device=args.device)
     audio = fastem.load_audio(args.audio or sample_paths().speech)
+    if args.call:
+        _call_phases(model, processor, audio, args.call)
     spent: dict[str, list[float]] = collections.defaultdict(list)
     current: dict[str, float] = collections.defaultdict(float)
     for name in PHASES:
@@ -68,7 +76,7 @@ def main(argv=None) -> None:
 
     loop_module._losses = step_marker
     kw = dict(processor=processor, language="en", params=args.params, num_samples=args.num_samples, guards=(),
-              min_entropy=0.0, step_precision=args.step_precision)
+              min_entropy=0.0, step_precision=args.step_precision, draws=1)  # one draw's step (the default runs two)
     res = fastem.adapt(model, audio, steps=args.steps, **kw)
     if len(res.history) < 2:
         raise SystemExit(f"only {len(res.history)} step(s) ran: pass --steps 2 or more")
@@ -87,6 +95,55 @@ def main(argv=None) -> None:
     print(f"| **step** | **{step:.3f}** | |")
     if args.ops:
         _operators(model, audio, args, kw)
+
+
+#: The pipeline's phases (:func:`fastem.adapt._run`), as a call of the default runs them.
+CALL_PHASES = {"_encode": "source encoder", "_transcribe_source": "source transcript (5-beam search)",
+               "_gate": "gate (with the greedy vote's decode)", "_adapt": "adaptation steps (both draws)",
+               "_transcribe_adapted": "adapted transcripts (5-beam search, both draws)", "_judge_phase": "judge"}
+
+
+def _call_phases(model, processor, audio, calls: int) -> None:
+    """Median seconds of each phase over ``calls`` default calls forced past the gate, after a warm one."""
+    pipeline = importlib.import_module("fastem.adapt")
+    spent: dict[str, list[float]] = collections.defaultdict(list)
+    reals = {name: getattr(pipeline, name) for name in CALL_PHASES}
+
+    def timer(name):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return reals[name](*a, **k)
+            finally:
+                spent[name].append(time.perf_counter() - t0)
+        return timed
+
+    fastem.transcribe(model, audio, processor=processor, language="en")  # warm
+    greedy = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fastem.transcribe(model, audio, processor=processor, language="en")
+        greedy.append(time.perf_counter() - t0)
+    one = statistics.median(greedy)
+    fastem.adapt(model, audio, processor=processor, language="en", min_entropy=0)  # warm
+    totals = []
+    try:
+        for name in CALL_PHASES:
+            setattr(pipeline, name, timer(name))
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fastem.adapt(model, audio, processor=processor, language="en", min_entropy=0)
+            totals.append(time.perf_counter() - t0)
+    finally:
+        for name, real in reals.items():
+            setattr(pipeline, name, real)
+    total = statistics.median(totals)
+    print(f"A call of the default forced past the gate, median of {calls}; a greedy transcription {one:.2f} s")
+    print("| phase | seconds | greedy transcriptions |\n|---|---:|---:|")
+    for name, label in CALL_PHASES.items():
+        sec = statistics.median(spent[name])
+        print(f"| {label} | {sec:.2f} | {sec / one:.1f}x |")
+    print(f"| **call** | **{total:.2f}** | **{total / one:.1f}x** |\n")
 
 
 def _operators(model, audio, args, kw: dict) -> None:

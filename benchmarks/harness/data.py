@@ -252,7 +252,7 @@ def write_synthetic_dataset(root: str | os.PathLike, *, utts_per_corpus: int = 3
     """Write a small fake data dir (same layout and manifest format as shared/data) under ``root``.
 
     ``data="dev"``: DEV's corpora, noise and rir ids; ``data="confirm"``: CONFIRM's (the ids of
-    ``harness.domains.CONFIRM_NOISES`` / ``CONFIRM_RIRS``, with CONFIRM's three short noises as short as
+    ``CONFIRM_NOISES`` / ``CONFIRM_RIRS``, with CONFIRM's three short noises as short as
     theirs, 0.35-0.76 s; other utterance ids and audio than the DEV set).  ``corpora`` maps corpus name ->
     manifest ``lang`` (default: every corpus the data set's domains use).  Audio is synthetic (tones, Gaussian
     noise, a decaying-noise RIR); only for tests.
@@ -321,15 +321,33 @@ def _write_resources(root: Path, kind: str, clips: dict[str, np.ndarray]) -> Non
     (folder / "manifest.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+#: The CONFIRM set's noises and rooms (harness.domains builds its domains from them).
+CONFIRM_NOISES = {  # short name -> id in <confirm>/noise/manifest.tsv
+    "rub": "am_130921_iPhone_rub_channel0_chunk83_aug2",          # 0.76 s, rubbing a phone (audiomentations)
+    "tapping": "am_130921_laptopmic-dell_tap_channel0_chunk204_aug3",  # 0.62 s, tapping a laptop
+    "friction": "am_friction1",                                  # 0.35 s, friction
+    "sheep": "am_sheep",                                         # 13.2 s, sheep (background noise)
+    "carhorn": "esc50_2-100648-A-43",                            # 5 s, ESC-50 class 43 (car horn)
+    "thunder": "esc50_4-156993-A-19",                            # 5 s, ESC-50 class 19 (thunderstorm)
+    "sb1": "sb_noise1",                                          # 33.1 s, speechbrain test noise 1
+    "sb3": "sb_noise3",                                          # 8.4 s, speechbrain test noise 3
+    "sb5": "sb_noise5",                                          # 13.7 s, speechbrain test noise 5
+}
+CONFIRM_RIRS = {  # short name -> id in <confirm>/rir/manifest.tsv
+    "hall": "openair_large_hall",        # OpenAIR "Terry's Typing Room" (large_hall.wav)
+    "sb1": "sb_rir1",                    # speechbrain test RIR 1
+    "sb3": "sb_rir3",                    # speechbrain test RIR 3
+    "am0": "am_impulse_response_0",      # audiomentations demo/ir impulse_response_0
+    "amstereo": "am_stereo_impulse_response",  # audiomentations demo/ir stereo IR (first channel)
+}
+
 #: seconds of the CONFIRM noises that are shorter than most utterances (the others are written 6 s long)
 _CONFIRM_SHORT_NOISES = {"am_friction1": 0.348, "am_130921_laptopmic-dell_tap_channel0_chunk204_aug3": 0.617,
                          "am_130921_iPhone_rub_channel0_chunk83_aug2": 0.756}
 
 
 def _write_synthetic_confirm_resources(root: Path) -> None:
-    """Noise and rir folders with CONFIRM's ids (harness.domains.CONFIRM_NOISES / CONFIRM_RIRS), synthetic audio."""
-    from .domains import CONFIRM_NOISES, CONFIRM_RIRS  # a function-level import: domains imports this module
-
+    """Noise and rir folders with CONFIRM's ids (CONFIRM_NOISES / CONFIRM_RIRS), synthetic audio."""
     rng = np.random.default_rng(4321)
     noises = {}
     for name in CONFIRM_NOISES.values():

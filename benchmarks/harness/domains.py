@@ -54,6 +54,8 @@ import numpy as np
 import torch
 
 from .data import (
+    CONFIRM_NOISES,
+    CONFIRM_RIRS,
     DATA_DIRS,
     SAMPLE_RATE,
     Utterance,
@@ -98,24 +100,6 @@ NOISE_SNRS = (10, 5, 0)
 DATA_SETS = tuple(DATA_DIRS)
 #: CONFIRM's English pool: every confirm noise / reverb domain draws these, interleaved (Kathleen first).
 CONFIRM_POOL = ("kathleen", "speechocean762")
-CONFIRM_NOISES = {  # short name -> id in <confirm>/noise/manifest.tsv
-    "rub": "am_130921_iPhone_rub_channel0_chunk83_aug2",          # 0.76 s, rubbing a phone (audiomentations)
-    "tapping": "am_130921_laptopmic-dell_tap_channel0_chunk204_aug3",  # 0.62 s, tapping a laptop
-    "friction": "am_friction1",                                  # 0.35 s, friction
-    "sheep": "am_sheep",                                         # 13.2 s, sheep (background noise)
-    "carhorn": "esc50_2-100648-A-43",                            # 5 s, ESC-50 class 43 (car horn)
-    "thunder": "esc50_4-156993-A-19",                            # 5 s, ESC-50 class 19 (thunderstorm)
-    "sb1": "sb_noise1",                                          # 33.1 s, speechbrain test noise 1
-    "sb3": "sb_noise3",                                          # 8.4 s, speechbrain test noise 3
-    "sb5": "sb_noise5",                                          # 13.7 s, speechbrain test noise 5
-}
-CONFIRM_RIRS = {  # short name -> id in <confirm>/rir/manifest.tsv
-    "hall": "openair_large_hall",        # OpenAIR "Terry's Typing Room" (large_hall.wav)
-    "sb1": "sb_rir1",                    # speechbrain test RIR 1
-    "sb3": "sb_rir3",                    # speechbrain test RIR 3
-    "am0": "am_impulse_response_0",      # audiomentations demo/ir impulse_response_0
-    "amstereo": "am_stereo_impulse_response",  # audiomentations demo/ir stereo IR (first channel)
-}
 CONFIRM_NOISE_SNRS = (5, 0)
 PEAK_LIMIT = 0.99  # mixtures louder than this are scaled down to it
 
