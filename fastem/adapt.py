@@ -375,7 +375,7 @@ def _results(call: _Call, before, after, kept, skipped, histories, judged, elaps
         results.append(AdaptResult(
             text=kept[b].text, text_before=before[b].text, tokens=kept[b].ids, tokens_before=before[b].ids,
             language=call.prompts[b].language, history=history, seconds=elapsed,
-            sample_tokens=sum(h["tokens"] for h in history), sample_seconds=call.sample_seconds,
+            sample_tokens=sum(h["tokens"] for h in history if not h.get("reused")), sample_seconds=call.sample_seconds,
             text_adapted=after[b].text, tokens_adapted=after[b].ids, guard=fired[0] if fired else None,
             guard_reason=fired[1] if fired else None, verdicts=found, scores=call.scores[b], skipped=skipped[b]))
     return results
@@ -421,9 +421,17 @@ def _join(parts: list[AdaptResult]) -> AdaptResult:
         tokens_adapted=[t for r in parts for t in r.tokens_adapted],
         guard=fired[0][1].guard if fired else None,
         guard_reason="; ".join(f"window {i}: {r.guard_reason}" for i, r in fired) or None,
-        skipped="silence" if all(r.skipped == "silence" for r in parts) else None)
+        skipped=_joined_skip([r.skipped for r in parts]))
     joined.windows = parts
     return joined
+
+
+def _joined_skip(reasons: list[str | None]) -> str | None:
+    """Why a recording's windows were not adapted: None when one was; else the first reason other than silence (the
+    gaps between speech), or "silence" when every window was silent."""
+    if any(r is None for r in reasons):
+        return None
+    return next((r for r in reasons if r != "silence"), "silence")
 
 
 def _run_recordings(model, processor, waves, languages, cfg: AdaptConfig, batch_size: int | None,

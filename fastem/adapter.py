@@ -58,19 +58,24 @@ class Adapter:
         self.reset_after = reset_after
         self.rollback = rollback
         self.named = select_parameters(model, self.config.params)
-        self.snapshot = ModelSnapshot(model, [p for _, p in self.named])
         self.resets = 0
         self.rollbacks = 0
         self.calls = 0
         self._rejected_in_a_row = 0
         self._state: State | None = None
         self._closed = False
-        self.reset(count=False)
+        with _Exclusive(model):  # not while another thread adapts the model: the snapshot is the source model
+            self.snapshot = ModelSnapshot(model, [p for _, p in self.named])
+            self._reset(count=False)
 
     # -- state -------------------------------------------------------------------------------------
     def reset(self, *, count: bool = True) -> None:
         """Back to the source weights, with a fresh optimizer."""
         self._check_open()
+        with _Exclusive(self.model):
+            self._reset(count=count)
+
+    def _reset(self, *, count: bool = True) -> None:
         self.snapshot.restore()
         binding = Binding(self.model, self.named, 1)
         self._state = State(binding=binding, optimizer=make_optimizer(self.config, binding.tensors),
@@ -95,7 +100,8 @@ class Adapter:
         """What this adapter has learnt so far (adapted values, optimizer state, counters), to resume a
         stream in another process with :meth:`load_state_dict` on an adapter made the same way."""
         self._check_open()
-        values, opt, steps = self._save()
+        with _Exclusive(self.model):
+            values, opt, steps = self._save()
         return {"values": values, "optimizer": opt, "steps_taken": steps,
                 "counters": {"calls": self.calls, "rollbacks": self.rollbacks, "resets": self.resets,
                              "rejected_in_a_row": self._rejected_in_a_row}}
@@ -103,6 +109,10 @@ class Adapter:
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict` of an adapter with the same model, parameter set and config."""
         self._check_open()
+        with _Exclusive(self.model):
+            self._load(state)
+
+    def _load(self, state: dict) -> None:
         values = state["values"]
         mine = self._state.binding.tensors
         if len(values) != len(mine) or any(tuple(v.shape) != tuple(t.shape) for v, t in zip(values, mine)):
@@ -152,15 +162,16 @@ class Adapter:
         if self.anchor and result.history and not rolled_back:  # an update was kept
             self._state.binding.pull_toward(self._source_values, self.anchor)
         if self._rejected_in_a_row >= self.reset_after or skipped or not self._finite():
-            self.reset()
+            self._reset()
             result.scores["reset"] = True
         return [result]
 
     def close(self) -> None:
         """Put the model back exactly as it was when the adapter was made."""
         if not self._closed:
-            self.snapshot.restore()
-            self._closed = True
+            with _Exclusive(self.model):  # not in the middle of another thread's call on the model
+                self.snapshot.restore()
+                self._closed = True
 
     def _check_open(self):
         if getattr(self, "_closed", False):

@@ -222,7 +222,7 @@ def cmd_transcribe(args) -> int:
     from tqdm import tqdm
 
     from .adapt import adapt_batch, transcribe_batch
-    from .audio import SAMPLE_RATE, is_silent, load_audio
+    from .audio import MAX_LONG_SECONDS, SAMPLE_RATE, is_silent, load_audio
     from .text import word_errors
 
     refs = _references(args)
@@ -246,7 +246,7 @@ def cmd_transcribe(args) -> int:
             row: dict = {"file": path}
             rows.append(row)
             try:
-                wave = load_audio(path, allow_silence=True)
+                wave = load_audio(path, allow_silence=True, max_seconds=MAX_LONG_SECONDS)
             except (ValueError, OSError) as err:
                 _fail(row, err, tqdm)
                 continue

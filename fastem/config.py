@@ -102,7 +102,8 @@ class AdaptConfig:
                     change lowers that likelihood by construction (RESULTS.md, "The likelihood guard with beams").
     max_length_ratio: "length": largest ratio of the two transcripts' token counts, either way (2.0).
     verifier:       "verifier": the second checkpoint that votes ("auto": a bundled one other than the
-                    model, see :func:`fastem.verifier.resolve_verifier`; a bundled name, hub id or directory).
+                    model, see :func:`fastem.verifier.resolve_verifier`; a bundled name, hub id or directory;
+                    None: no second checkpoint, and ``guards="auto"`` leaves out the guards that need one).
     max_verifier_drop: "verifier": most the verifier's mean log-prob per token may fall (0.1 nats).
                     ("agreement", the default with beam search in place of "verifier": the verifier also
                     transcribes the audio (by Whisper's rules and the call's beams), and the adapted
@@ -133,7 +134,9 @@ class AdaptConfig:
     backend:        token statistics: "auto" (Triton on CUDA, PyTorch elsewhere), "torch", "triton".
     encoder_context: "full" (default): the adaptation steps run the encoder on the 30-s padded input Whisper
                     was trained on; "clip": on the clips' own length (rounded up to whole seconds, with 1 s
-                    of margin), cheaper for short clips; every transcript is decoded from the full input.
+                    of margin), cheaper for short clips; every transcript is decoded from the full input.  In a batch
+                    (``adapt_batch``) the longest clip of the batch sets that length for all of them, so a clip's
+                    steps see more padding there than alone, and its result may differ from ``adapt``'s.
     step_precision: "model" (default): the adaptation steps compute in the model's own dtype; "bfloat16": the
                     encoder layers that adapt run under ``torch.autocast`` in bfloat16 during the steps (most of
                     a step's arithmetic); sampling, scoring, the loss, the adapted parameters, every transcript
@@ -253,6 +256,8 @@ class AdaptConfig:
             raise ValueError(f"encoder_context must be 'full' or 'clip', got {self.encoder_context!r}")
         if self.step_precision not in STEP_PRECISIONS:
             raise ValueError(f"step_precision must be one of {STEP_PRECISIONS}, got {self.step_precision!r}")
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', got {self.task!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         for name in ("compression_ratio_threshold", "no_speech_threshold"):
@@ -332,6 +337,8 @@ class AdaptConfig:
         guards alone, each draw's transcript facing them before the medoid)."""
         if self.guards == "auto" and self.draw_count > 1:
             return _judge.TEXTUAL_GUARDS
+        if self.guards == "auto" and self.verifier is None:  # "auto" with no verifier: the guards that need none
+            return tuple(g for g in self._auto("guards") if g not in _judge.VOTED)
         return self._auto("guards")
 
     @property
@@ -387,7 +394,9 @@ class AdaptResult:
                                  no draw could change what the medoid returns; ``text`` is the greedy one),
                                  else None.
     windows:                     for a recording over 30 s, the result of each window (cut at pauses,
-                                 each adapted on its own); the fields above join them.
+                                 each adapted on its own); the fields above join them (``skipped``: None when a
+                                 window adapted, else the first window's reason other than silence), but for
+                                 ``scores`` and ``verdicts``, which are each window's own, there.
     """
 
     text: str

@@ -22,7 +22,7 @@ from .precision import full_precision, step_autocast
 from .sampling import Head, Hypotheses, decode, score, teacher_forced_hidden
 from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers
 
-__all__ = ["Encoder", "Settling", "State", "make_optimizer", "step"]
+__all__ = ["Encoder", "Settling", "State", "make_optimizer", "step", "update"]
 
 
 @dataclass
@@ -149,6 +149,22 @@ def _losses(model, cfg, cross: CrossKV, prompts, hyps: Hypotheses, binding: Bind
     return losses, entropy.detach(), mask, weights
 
 
+def update(optimizer, binding: Binding, finite: torch.Tensor) -> None:
+    """The optimizer step for the utterances ``finite`` (``[B]`` bool) alone: the others' gradient rows are zeroed
+    before it (the optimizer never sees an inf or NaN) and their values and optimizer state are put back after it,
+    as if they had not stepped (Adam's step count, one per tensor, counts the step all the same)."""
+    if not bool(finite.any()):
+        return
+    saved = None
+    if not bool(finite.all()):
+        binding.drop_grads(~finite)
+        saved = binding.rows(), binding.optimizer_rows(optimizer)
+    optimizer.step()
+    binding.after_step()
+    if saved is not None:
+        binding.undo(saved[0], ~finite, optimizer, saved[1])
+
+
 def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, budgets, generators,
          head: Head, frozen: list[bool] | None = None,
          watch: Callable[[list[tuple[int, ...] | None]], list[bool]] | None = None,
@@ -209,12 +225,7 @@ def step(model, cfg, binding: Binding, optimizer, encoder: Encoder, prompts, bud
             sum(loss for loss, b in zip(losses, ran) if finite[b]).backward()
     binding.after_backward()
     finite &= binding.grad_finite(n)
-    saved = binding.rows() if not bool(finite.all()) else None
-    if bool(finite.any()):
-        optimizer.step()
-        binding.after_step()
-    if saved is not None:
-        binding.undo(saved, ~finite)
+    update(optimizer, binding, finite)
     binding.zero_grad()
     elapsed = time.perf_counter() - t0
     entries: list[dict] = [{} for _ in range(n)]

@@ -314,20 +314,41 @@ class Binding:
         return ok
 
     @torch.no_grad()
+    def drop_grads(self, which: torch.Tensor) -> None:
+        """Zero the gradient of utterances ``which`` (``[B]`` bool; direct sets: all of it)."""
+        for t in self.tensors:
+            if t.grad is not None:
+                if self.direct:
+                    t.grad.zero_()
+                else:
+                    t.grad[which.to(t.device)] = 0
+
+    @torch.no_grad()
     def rows(self) -> list[torch.Tensor]:
         """A copy of the current values (to undo a step for some utterances)."""
         return [t.detach().clone() for t in self.tensors]
 
     @torch.no_grad()
-    def undo(self, saved: list[torch.Tensor], which: torch.Tensor) -> None:
-        """Put back utterances ``which`` (``[B]`` bool) from ``saved``."""
+    def optimizer_rows(self, optimizer) -> list[dict]:
+        """A copy of ``optimizer``'s state of the same shape as each tensor (Adam's moments, SGD's momentum)."""
+        return [{k: v.clone() for k, v in optimizer.state.get(t, {}).items() if torch.is_tensor(v) and v.shape == t.shape}
+                for t in self.tensors]
+
+    @torch.no_grad()
+    def undo(self, saved: list[torch.Tensor], which: torch.Tensor, optimizer=None, states: list[dict] | None = None
+             ) -> None:
+        """Put back utterances ``which`` (``[B]`` bool) from ``saved`` (:meth:`rows`), and with ``optimizer`` its
+        state from ``states`` (:meth:`optimizer_rows`)."""
         if not bool(which.any()):
             return
-        for t, s in zip(self.tensors, saved):
-            if self.direct:
-                t.copy_(s)
-            else:
-                t[which.to(t.device)] = s[which.to(t.device)]
+        for i, (t, s) in enumerate(zip(self.tensors, saved)):
+            live = optimizer.state.get(t, {}) if optimizer is not None else {}
+            kept = states[i] if states is not None else {}
+            for dst, src in [(t, s)] + [(live[k], v) for k, v in kept.items() if k in live]:
+                if self.direct:
+                    dst.copy_(src)
+                else:
+                    dst[which.to(dst.device)] = src[which.to(dst.device)]
         self.after_step()
 
     @torch.no_grad()

@@ -112,15 +112,28 @@ class Hypotheses:
 
 
 class Head:
-    """The output projection as both decoding and scoring use it: float32 weight (a copy for half
-    precision models, made once), float32 bias if any."""
+    """The output projection as both decoding and scoring use it: float32 weight, float32 bias if any.  For a half
+    precision model the weight is a float32 copy, made again whenever the model's weight has changed (a parameter
+    set that adapts the output embedding in place, or a model restored); while that weight is adapting (it requires
+    grad, under grad mode) the conversion itself, so its gradient reaches it as in float32."""
 
     def __init__(self, model):
         module = model.get_output_embeddings()
         self.module = module
-        self.weight = module.weight if module.weight.dtype == torch.float32 else module.weight.detach().float()
         self.bias = None if module.bias is None else module.bias.float()
         self.vocab_size = module.out_features
+        self._copy, self._version = None, None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.module.weight
+        if w.dtype == torch.float32:
+            return w
+        if w.requires_grad and torch.is_grad_enabled():
+            return w.float()
+        if self._version != w._version:
+            self._copy, self._version = w.detach().float(), w._version
+        return self._copy
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with full_precision(hidden):
@@ -173,6 +186,8 @@ def build_prompts(model, cross: CrossKV, languages: list[str | None], task: str 
     task_to_id = getattr(gc, "task_to_id", None) or {}
     if multilingual and task_to_id and task not in task_to_id:
         raise ValueError(f"task must be one of {sorted(task_to_id)}, got {task!r}")
+    if not multilingual and task != "transcribe":
+        raise ValueError(f"this model is English-only: it transcribes, task={task!r} cannot be honoured")
     codes: list[str | None] = []
     for language in languages:
         if language is None:

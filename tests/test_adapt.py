@@ -266,10 +266,22 @@ def test_transcribe_equals_generate_and_the_unadapted_transcript(model, processo
     (dict(min_entropy=-0.1), "min_entropy"), (dict(min_entropy=float("nan")), "min_entropy"),
     (dict(max_logp_drop=-0.1), "max_logp_drop"), (dict(max_logp_drop=float("nan")), "max_logp_drop"),
     (dict(max_seq_logp_drop=-1.0), "max_seq_logp_drop"),
+    (dict(task="transcibe"), "task must be 'transcribe' or 'translate'"),
 ])
 def test_bad_config_is_named(bad, match):
     with pytest.raises(ValueError, match=match):
         AdaptConfig(**bad)
+
+
+def test_an_english_only_model_refuses_to_translate(processor):
+    model = tiny_whisper()
+    gc = model.generation_config
+    gc.lang_to_id, gc.task_to_id, gc.is_multilingual = None, None, False  # as an English-only checkpoint
+    before = full_state(model)
+    with pytest.raises(ValueError, match="English-only: it transcribes, task='translate'"):
+        fastem.adapt(model, speechlike(), processor=processor, language="en", steps=1, task="translate")
+    assert_same_state(model, before)
+    assert fastem.adapt(model, speechlike(), processor=processor, language="en", steps=0).text is not None
 
 
 def test_bad_audio_leaves_model_untouched(model, processor):
@@ -369,6 +381,14 @@ def test_long_recording_is_cut_into_windows_at_pauses(model, processor):
     assert result.tokens == [t for w in result.windows for t in w.tokens]
     assert fastem.transcribe(model, wave, processor=processor, language="en", max_new_tokens=4,
                              num_beams=5) == result.text_before  # the default decodes with 5 beams
+    assert result.skipped == adapt_module._joined_skip([w.skipped for w in result.windows])
+
+
+def test_a_recording_s_skip_is_none_when_a_window_adapted_else_the_first_reason_but_silence():
+    join = adapt_module._joined_skip
+    assert join(["confident", None, "agreed"]) is None
+    assert join(["silence", "agreed", "confident"]) == "agreed"
+    assert join(["silence", "silence"]) == "silence" and join(["confident", "confident"]) == "confident"
 
 
 @pytest.mark.parametrize("objective, baseline", [("em", "loo"), ("pg", "loo"), ("em", "none"), ("entropy", "loo")])
@@ -641,3 +661,33 @@ def test_draws_resolve_to_one_where_only_one_copy_can_adapt(model, processor):
     for bad in (0, -1, 1.5, True, "two"):
         with pytest.raises(ValueError, match="draws must be"):
             AdaptConfig(draws=bad)
+
+
+def test_a_draw_whose_gradient_is_not_finite_skips_that_step_and_the_call_goes_on(model, processor, monkeypatch):
+    """Two draws in one batch, the second draw's gradient made infinite at the second step: that draw skips it (its
+    values and optimizer state untouched, so its next steps are finite), the other draw steps, the call finishes."""
+    from fastem.params import Binding
+
+    calls = {"n": 0}
+    real = Binding.after_backward
+
+    def inf_for_draw_2_at_step_2(self):
+        real(self)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            for t in self.tensors:
+                if t.grad is not None:
+                    t.grad[1] = float("inf")
+
+    monkeypatch.setattr(Binding, "after_backward", inf_for_draw_2_at_step_2)
+    histories, real_adapt = [], adapt_module._adapt
+    monkeypatch.setattr(adapt_module, "_adapt", lambda call: histories.extend(real_adapt(call)) or histories)
+    before = full_state(model)
+    result = fastem.adapt(model, speechlike(), processor=processor, language="en", steps=4, num_samples=2, lr=1e-2,
+                          max_new_tokens=6, draws=2, num_beams=1, min_entropy=0.0, guards=())
+    assert calls["n"] == 4 and len(histories) == 2
+    assert [h["skipped"] for h in histories[0]] == [False] * 4
+    assert [h["skipped"] for h in histories[1]] == [False, True, False, False]
+    assert all(h["loss"] == h["loss"] for hist in histories for h in hist)  # no NaN after the skipped step
+    assert len(result.scores["draws"]) == 2
+    assert_same_state(model, before)

@@ -201,3 +201,24 @@ def test_anchor_pulls_what_was_learnt_back_toward_the_source(model, processor, p
         torch.testing.assert_close(p, s + 0.75 * (a - s), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="anchor"):
         fastem.Adapter(model, processor, anchor=1.0)
+
+
+def test_an_adapter_never_touches_a_model_another_call_holds(model, processor):
+    """Making, resetting, saving, loading and closing an adapter wait for no one: while another call holds the
+    model (its lock, as a thread inside ``fastem.adapt`` does) each is refused with the reason, and the model is
+    left as that call has it."""
+    from fastem.adapt import _Exclusive
+
+    adapter = fastem.Adapter(model, processor, params="decoder", **CFG)
+    adapter.adapt(speechlike(seed=0), **KW)  # the model now holds adapted values (an in-place set)
+    state = adapter.state_dict()
+    held = full_state(model)
+    with _Exclusive(model):
+        for call in (lambda: fastem.Adapter(model, processor, **CFG), adapter.reset, adapter.state_dict,
+                     lambda: adapter.load_state_dict(state), adapter.close):
+            with pytest.raises(RuntimeError, match="another thread"):
+                call()
+        assert_same_state(model, held)
+    adapter.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        adapter.reset()

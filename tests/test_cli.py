@@ -177,6 +177,15 @@ def test_all_good_files_exit_zero(files, fake_model, capsys):
     assert len(fake_model["adapt"]) == 2 and fake_model["load"] == 1
 
 
+def test_a_recording_over_30_s_reaches_the_pipeline_whole(tmp_path, fake_model, capsys):
+    """The pipeline cuts long recordings into windows (as ``fastem.adapt`` does for a file), so the CLI must not
+    refuse them at 30 s."""
+    t = np.arange(31 * 16000) / 16000
+    long = _wav(tmp_path / "long.wav", (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    assert main(["transcribe", long]) == 0 and main(["transcribe", long, "--adapt"]) == 0
+    assert [a.numel() for a in fake_model["transcribe"] + fake_model["adapt"]] == [31 * 16000] * 2
+
+
 def test_only_missing_files_fail_without_loading_the_model(tmp_path, fake_model, capsys):
     assert main(["transcribe", str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]) == 1
     err = capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The judge: each guard fires on the fault it names, only when adaptation introduced it; the gate; Whisper's
 decoding rules as the gate sees them; and the judge in the pipeline."""
+import dataclasses
 import importlib
 from types import SimpleNamespace
 
@@ -117,14 +118,19 @@ def test_guards_names_every_guard_that_runs(processor):
     assert fastem.AdaptConfig(num_beams=5).active_guards == judge.TEXTUAL_GUARDS  # two draws: the medoid, as greedy
     assert set(judge.BEAM_GUARDS) == set(judge.DEFAULT_GUARDS) - {"verifier"} | {"agreement"}
     assert fastem.AdaptConfig(num_beams=5, guards=("verifier",)).active_guards == ("verifier",)  # named: as named
-    with pytest.raises(ValueError, match="leave 'agreement' out of guards"):
-        fastem.AdaptConfig(num_beams=5, draws=1, verifier=None)
+    # no verifier: "auto" is the guards that need none (a call that resolves draws to 1 must not fail for it)
+    assert fastem.AdaptConfig(num_beams=5, draws=1, verifier=None).active_guards == tuple(
+        g for g in judge.BEAM_GUARDS if g != "agreement")
     assert "verifier" in judge.DEFAULT_GUARDS and "likelihood" not in judge.DEFAULT_GUARDS  # DEV: off, RESULTS.md
     assert set(judge.DEFAULT_GUARDS) == set(judge.GUARDS) - {"likelihood", "agreement"}  # both opt in
     assert fastem.AdaptConfig(guards=()).guards == ()
     assert fastem.AdaptConfig(guards=("likelihood",), verifier=None).guards == ("likelihood",)
+    assert fastem.AdaptConfig(verifier=None, draws=1).active_guards == tuple(
+        g for g in judge.DEFAULT_GUARDS if g != "verifier")
+    assert dataclasses.replace(fastem.AdaptConfig(verifier=None), draws=1).active_guards == tuple(
+        g for g in judge.DEFAULT_GUARDS if g != "verifier")  # what the pipeline does for an Adapter or an LM
     with pytest.raises(ValueError, match="leave 'verifier' out of guards"):
-        fastem.AdaptConfig(verifier=None, draws=1)
+        fastem.AdaptConfig(verifier=None, draws=1, guards=("empty", "verifier"))  # named: an error
     assert fastem.AdaptConfig(verifier=None).active_guards == judge.TEXTUAL_GUARDS  # two draws need no verifier
     with pytest.raises(ValueError, match="leave 'agreement' out of guards"):
         fastem.AdaptConfig(guards=("agreement",), verifier=None)

@@ -146,6 +146,7 @@ def test_sample_every_reuses_the_drawn_hypotheses_weighted(processor, monkeypatc
     assert [h["reused"] for h in res.history] == [False, True, False, True]
     assert all(0 < h["ess"] <= 3 + 1e-9 for h in res.history if h["reused"])
     assert not any("ess" in h for h in res.history if not h["reused"])
+    assert res.sample_tokens == res.history[0]["tokens"] + res.history[2]["tokens"]  # drawn, not scored again
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     draws.clear()
     res = fastem.adapt(model, audio, **kw)
@@ -162,3 +163,40 @@ def test_sample_every_reuses_the_drawn_hypotheses_weighted(processor, monkeypatc
         fastem.AdaptConfig(sample_every=0)
     with pytest.raises(ValueError, match="sample_every"):
         fastem.AdaptConfig(sample_every=2, objective="suta")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_an_utterance_whose_gradient_is_not_finite_does_not_step_and_leaves_no_trace(optimizer):
+    """``update``: an utterance whose gradient holds an inf keeps its values and its optimizer state (Adam's
+    moments, SGD's momentum) exactly; the others step as they would alone; nothing non-finite is left behind."""
+    from fastem.config import AdaptConfig
+    from fastem.params import Binding, select_parameters
+
+    model = tiny_whisper()
+    binding = Binding(model, select_parameters(model, "layernorm"), 3)
+    opt = loop_module.make_optimizer(AdaptConfig(lr=1e-2, optimizer=optimizer, weight_decay=0.1), binding.tensors)
+    if optimizer == "sgd":
+        opt.param_groups[0]["momentum"] = 0.9
+    gen = torch.Generator().manual_seed(0)
+
+    def grads(bad=None):
+        for t in binding.tensors:
+            t.grad = torch.randn(t.shape, generator=gen)
+            if bad is not None:
+                t.grad[bad, 0] = float("inf")
+
+    grads()
+    loop_module.update(opt, binding, torch.ones(3, dtype=torch.bool))  # a first step: the optimizer has state
+    values, states = binding.rows(), binding.optimizer_rows(opt)
+    assert all(states), "the optimizer has per-element state to keep"
+    grads(bad=1)
+    finite = binding.grad_finite(3)
+    assert finite.tolist() == [True, False, True]
+    loop_module.update(opt, binding, finite)
+    for t, v, st in zip(binding.tensors, values, states):
+        assert torch.equal(t[1], v[1]) and not torch.equal(t[0], v[0]) and not torch.equal(t[2], v[2])
+        for k, s in st.items():
+            assert torch.equal(opt.state[t][k][1], s[1]) and torch.isfinite(opt.state[t][k]).all()
+    grads()
+    loop_module.update(opt, binding, torch.ones(3, dtype=torch.bool))
+    assert all(torch.isfinite(t).all() for t in binding.tensors)

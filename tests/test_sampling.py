@@ -349,6 +349,29 @@ def test_score_gradients_stay_with_their_utterance():
 # half precision
 # ------------------------------------------------------------------------------------------------
 
+def test_the_half_precision_head_follows_its_weight():
+    """A half-precision model's float32 head copy is made again when the model's weight changes (an in-place
+    parameter set holding the tied output embedding, a restore), and while that weight adapts the gradient
+    reaches it through the head, as in float32."""
+    model = tiny_whisper(seed=1).to(torch.bfloat16).requires_grad_(False)  # as the pipeline holds it
+    head = sampling.Head(model)
+    w = model.get_output_embeddings().weight
+    first = head.weight
+    assert first.dtype == torch.float32 and head.weight is first  # one copy while nothing changes
+    with torch.no_grad():
+        w.mul_(2)
+    assert torch.equal(head.weight, w.float()) and not torch.equal(head.weight, first)
+    w.requires_grad_(True)
+    try:
+        (head.logits(torch.randn(2, w.shape[1])) ** 2).sum().backward()
+        assert w.grad is not None and w.grad.abs().sum() > 0
+        with torch.no_grad():
+            assert not head.weight.requires_grad  # decoding: the cached copy
+    finally:
+        w.requires_grad_(False)
+        w.grad = None
+
+
 @torch.no_grad()
 def test_bf16_score_matches_decode():
     """No off-policy in half precision: decode and score apply the same float32 head (``Head``).
