@@ -18,8 +18,9 @@ Rows (each timed on the real path, ``fastem.adapt`` itself, medians over ``--rep
 * ``beam``: ``transcribe(num_beams=k)`` and ``adapt(num_beams=k)`` forced past the gate, in units of a
   greedy transcription (``--beams``, default 5).
 * ``sampling``: fastem's K = 4 sampling loop against ``generate(do_sample=True, num_return_sequences=4)``.
-* ``batch``: ``adapt_batch`` on B real clips against B separate ``adapt`` calls (same config): time
-  per utterance, and whether the transcripts are the same.
+* ``batch``: ``adapt_batch`` on B real clips against B separate ``adapt`` calls (same config, forced past the
+  gate; the default and each ``--define``d config): time per utterance (medians of ``--repeats`` rounds, each
+  timing the separate calls then the batch), and whether the transcripts are the same.
 
 Peak resident memory (``ru_maxrss``) is reported after each row (it only grows).  Writes the rows as
 JSON to ``--out`` and prints a markdown table.  ``--sections adapt,beam`` runs only those rows (the plain
@@ -170,24 +171,30 @@ def _sampling_rows(rows, model, context, repeats) -> None:
     rows["sampling_speedup"] = rows["sampling_generate_s"] / rows["sampling_fastem_s"]
 
 
-def _batch_rows(rows, model, kw, args) -> None:
-    """adapt_batch vs separate adapt calls on real clips."""
+def _batch_rows(rows, model, kw, args, definitions: dict) -> None:
+    """adapt_batch vs separate adapt calls on real clips, forced past the gate: the default, and each ``--define``d
+    config (``batch{B}_{name}``); ``args.repeats`` rounds, each timing the separate calls then the batch, medians."""
+    configs = {"": {}, **{f"_{name}": over for name, over in definitions.items()}}
     for b in [int(x) for x in args.batch_sizes.split(",") if x]:
         clips = _clips(Path(args.data), b)
         if len(clips) < b:
             rows[f"batch{b}"] = "not enough clips"
             continue
-        t0 = time.perf_counter()
-        forced = dict(kw, min_entropy=0.0)  # every clip adapted: the batching itself is what is timed
-        alone = [fastem.adapt(model, c, **forced) for c in clips]
-        t_alone = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        batched = fastem.adapt_batch(model, clips, **forced)
-        t_batch = time.perf_counter() - t0
-        rows[f"batch{b}"] = {"alone_s_per_utt": t_alone / b, "batch_s_per_utt": t_batch / b,
-                             "speedup": t_alone / t_batch,
-                             "same_transcripts": sum(a.text == c.text for a, c in zip(alone, batched)),
-                             "audio_s": sum(c.numel() for c in clips) / 16000, "rss_MiB": _rss_mib()}
+        for suffix, over in configs.items():
+            forced = dict(kw, **over, min_entropy=0.0)  # every clip adapted: the batching itself is what is timed
+            t_alone, t_batch = [], []
+            for _ in range(max(1, args.repeats)):
+                t0 = time.perf_counter()
+                alone = [fastem.adapt(model, c, **forced) for c in clips]
+                t_alone.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                batched = fastem.adapt_batch(model, clips, **forced)
+                t_batch.append(time.perf_counter() - t0)
+            alone_s, batch_s = statistics.median(t_alone), statistics.median(t_batch)
+            rows[f"batch{b}{suffix}"] = {"alone_s_per_utt": alone_s / b, "batch_s_per_utt": batch_s / b,
+                                         "speedup": alone_s / batch_s, "rounds": len(t_alone),
+                                         "same_transcripts": sum(a.text == c.text for a, c in zip(alone, batched)),
+                                         "audio_s": sum(c.numel() for c in clips) / 16000, "rss_MiB": _rss_mib()}
 
 
 SECTIONS = ("adapt", "define", "beam", "step", "sampling", "batch")
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--define", action="append", default=[], metavar="NAME=KEY=VALUE;KEY=VALUE",
-                    help="a config to time forced past the gate (section define; repeatable)")
+                    help="a config to time forced past the gate (sections define and batch; repeatable)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, among {', '.join(SECTIONS)}")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -227,9 +234,10 @@ def main(argv=None) -> int:
 
     if "adapt" in sections:
         _adapt_rows(rows, model, audio, cfg, kw, seconds, args.repeats)
-    if "define" in sections and args.define:
-        definitions = dict(parse_definition(text) for text in args.define)
+    definitions = dict(parse_definition(text) for text in args.define)
+    if definitions:
         rows["definitions"] = definitions
+    if "define" in sections and definitions:
         _defined_rows(rows, model, audio, cfg, kw, definitions, args.repeats)
     if "beam" in sections:
         _beam_rows(rows, model, audio, cfg, kw, args.beams, args.repeats)
@@ -240,7 +248,7 @@ def main(argv=None) -> int:
         if "sampling" in sections:
             _sampling_rows(rows, model, context, args.repeats)
     if "batch" in sections:
-        _batch_rows(rows, model, kw, args)
+        _batch_rows(rows, model, kw, args, definitions)
 
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
