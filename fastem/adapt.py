@@ -157,9 +157,10 @@ class _WhisperInputs:
         feats = features(model, call.processor, call.waves)
         embed = any(n.split(".")[-2] in ("conv1", "conv2") for n in names if ".encoder." in f".{n}")
         with torch.no_grad(), call.source_model(call.learnt):
-            short = clip_frames(call.seconds, feats.shape[-1]) if call.cfg.encoder_context == "clip" else None
+            context = call.cfg.encoder_context
+            short = clip_frames(call.seconds, feats.shape[-1]) if context in ("clip", "speech") else None
             call.encoder = Encoder.build(model, feats, first_adapted_encoder_layer(model, names), embed,
-                                         cross_kv_fixed(call.binding.named), short)
+                                         cross_kv_fixed(call.binding.named), short, padded=context == "speech")
             call.prompts = build_prompts(model, call.encoder.cross, call.languages, task=call.cfg.task, head=call.head)
 
 

@@ -137,6 +137,11 @@ class AdaptConfig:
                     of margin), cheaper for short clips; every transcript is decoded from the full input.  In a batch
                     (``adapt_batch``) the longest clip of the batch sets that length for all of them, so a clip's
                     steps see more padding there than alone, and its result may differ from ``adapt``'s.
+                    "speech": the steps run the encoder on the clips' positions only (the same length), which
+                    attend over the whole 30-s input: the padding's keys and values in every layer, and its
+                    output, are the source model's, computed once (:class:`fastem.whisper.PaddingContext`); the
+                    encoder's work of a step shrinks as with "clip", and the clip's positions see the context
+                    Whisper was trained on.  Parameter sets whose convolutions adapt run the full context.
     step_precision: "model" (default): the adaptation steps compute in the model's own dtype; "bfloat16": the
                     encoder layers that adapt run under ``torch.autocast`` in bfloat16 during the steps (most of
                     a step's arithmetic); sampling, scoring, the loss, the adapted parameters, every transcript
@@ -252,8 +257,8 @@ class AdaptConfig:
             raise ValueError(f"em_coef must be in [0, 1], got {self.em_coef!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
-        if self.encoder_context not in ("full", "clip"):
-            raise ValueError(f"encoder_context must be 'full' or 'clip', got {self.encoder_context!r}")
+        if self.encoder_context not in ("full", "clip", "speech"):
+            raise ValueError(f"encoder_context must be 'full', 'clip' or 'speech', got {self.encoder_context!r}")
         if self.step_precision not in STEP_PRECISIONS:
             raise ValueError(f"step_precision must be one of {STEP_PRECISIONS}, got {self.step_precision!r}")
         if self.task not in ("transcribe", "translate"):

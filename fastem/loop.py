@@ -20,7 +20,7 @@ from .objective import em_loss, entropy_rows, suta_loss
 from .params import Binding, ModelSnapshot
 from .precision import full_precision, step_autocast
 from .sampling import Head, Hypotheses, decode, score, teacher_forced_hidden
-from .whisper import CrossKV, cross_kv, encoder_embed, encoder_layers
+from .whisper import CrossKV, PaddingContext, cross_kv, encoder_embed, encoder_layers, padding_context
 
 __all__ = ["Encoder", "Settling", "State", "make_optimizer", "step", "update"]
 
@@ -51,7 +51,10 @@ class Encoder:
     (features, the embedding, or the hidden states below layer ``start``); ``source``: the source
     model's encoder output and ``cross``: its cross-attention keys/values.  ``short``: the same input
     on the clips' own length (``AdaptConfig.encoder_context="clip"``), which the steps use when the
-    encoder adapts; every transcript is decoded from the full 30-s input.
+    encoder adapts; every transcript is decoded from the full 30-s input.  ``padding``: with
+    ``encoder_context="speech"``, the source model's keys/values and output on the positions after the clips'
+    (:class:`fastem.whisper.PaddingContext`); ``short`` is then the full input's first positions, which the steps
+    run over the whole 30-s context.
     """
 
     start: int | None
@@ -61,17 +64,23 @@ class Encoder:
     source: torch.Tensor
     cross: CrossKV
     short: torch.Tensor | None = None
+    padding: PaddingContext | None = None
 
     @classmethod
     def build(cls, model, feats: torch.Tensor, start: int | None, embed: bool, cross_fixed: bool,
-              short_frames: int | None = None) -> "Encoder":
-        """Run the source model's encoder once (no grad), keeping the split point's input."""
+              short_frames: int | None = None, padded: bool = False) -> "Encoder":
+        """Run the source model's encoder once (no grad), keeping the split point's input (``short_frames``: and
+        the clips' own length, ``padded``: with the source model's padding context, see the class)."""
         with torch.no_grad():
             embedded = encoder_embed(model, feats)
             below = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
             source = encoder_layers(model, below, start or 0)
-            short = None
-            if short_frames is not None and short_frames < feats.shape[-1] and (embed or start is not None):
+            short, padding = None, None
+            if padded and short_frames is not None and short_frames < feats.shape[-1] and start is not None \
+                    and not embed:
+                padding = padding_context(model, below, start, short_frames // 2)
+                short = below[:, :short_frames // 2]
+            elif short_frames is not None and short_frames < feats.shape[-1] and (embed or start is not None):
                 clipped = feats[..., :short_frames]
                 if embed:
                     short = clipped
@@ -79,11 +88,12 @@ class Encoder:
                     e = encoder_embed(model, clipped, shorter=True)
                     short = encoder_layers(model, e, 0, start, final_norm=False) if start else e
         prefix = feats if embed else below
-        return cls(start, embed, cross_fixed, prefix, source, cross_kv(model, source), short)
+        return cls(start, embed, cross_fixed, prefix, source, cross_kv(model, source), short, padding)
 
     def select(self, index: list[int]) -> "Encoder":
         return Encoder(self.start, self.embed, self.cross_fixed, self.prefix[index], self.source[index],
-                       self.cross.select(index), None if self.short is None else self.short[index])
+                       self.cross.select(index), None if self.short is None else self.short[index],
+                       None if self.padding is None else self.padding.select(index))
 
     def adapted_cross(self, model, over, *, short: bool = False, autocast=None,
                       rows: torch.Tensor | None = None) -> CrossKV:
@@ -98,7 +108,8 @@ class Encoder:
                 if self.embed:
                     hidden = encoder_layers(model, encoder_embed(model, prefix, shorter=True), 0, over=over, rows=rows)
                 else:
-                    hidden = encoder_layers(model, prefix, self.start, over=over, rows=rows)
+                    padding = self.padding if short else None
+                    hidden = encoder_layers(model, prefix, self.start, over=over, rows=rows, padding=padding)
             return cross_kv(model, hidden.to(self.source.dtype))
         if not self.cross_fixed:
             return cross_kv(model, self.source)

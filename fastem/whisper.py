@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNormOverrides", "CrossKV", "SelfKV", "clip_frames", "encoder_embed", "encoder_layers", "encode",
-           "cross_kv", "decoder_forward"]
+__all__ = ["LayerNormOverrides", "CrossKV", "SelfKV", "PaddingContext", "clip_frames", "encoder_embed",
+           "encoder_layers", "encode", "padding_context", "cross_kv", "decoder_forward"]
 
 
 class LayerNormOverrides:
@@ -86,28 +86,84 @@ def clip_frames(seconds: list[float], total: int = 3000, margin_seconds: float =
     return int(min(total, 100 * -(-longest * 100 // 100)))
 
 
+@dataclass
+class PaddingContext:
+    """The source model's encoder on the positions after the first ``positions`` (the padding of a clip's 30-s
+    input): each layer's self-attention keys and values there (``[B, H, S - positions, d]``, from layer ``start``
+    on) and the last layer's output there, before the final LayerNorm (``[B, S - positions, D]``).  With it the
+    first positions alone run through the encoder and still attend over the whole input (:func:`encoder_layers`)."""
+
+    positions: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    hidden: torch.Tensor
+
+    def select(self, index) -> "PaddingContext":
+        return PaddingContext(self.positions, [k[index] for k in self.keys], [v[index] for v in self.values],
+                              self.hidden[index])
+
+
+def _attend_with_padding(attn, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder self-attention for the positions ``x`` over themselves and fixed ``keys``/``values``."""
+    q = _heads(attn.q_proj(x), attn)
+    k = torch.cat([_heads(attn.k_proj(x), attn), keys.to(x.dtype)], 2)
+    v = torch.cat([_heads(attn.v_proj(x), attn), values.to(x.dtype)], 2)
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+    return attn.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+def _clamp_half(h: torch.Tensor) -> torch.Tensor:
+    if h.dtype == torch.float16:
+        limit = torch.finfo(h.dtype).max - 1000
+        h = h.clamp(-limit, limit)
+    return h
+
+
 def encoder_layers(model, h: torch.Tensor, start: int = 0, stop: int | None = None, *,
                    over: LayerNormOverrides | None = None, final_norm: bool = True,
-                   rows: torch.Tensor | None = None) -> torch.Tensor:
+                   rows: torch.Tensor | None = None, padding: PaddingContext | None = None) -> torch.Tensor:
     """Encoder layers ``[start, stop)`` on hidden states ``h [B, S, D]``, then the final LayerNorm
     (when ``final_norm`` and the stack is run to its end).  ``rows [B]``: the row of ``over``'s tables
-    each utterance uses (default: its own index)."""
+    each utterance uses (default: its own index).  ``padding``: ``h`` holds the first ``padding.positions``
+    positions alone, which attend over themselves and the padding's fixed keys/values; the output is the whole
+    input's, the padding's last hidden states joined before the final LayerNorm (``stop`` must be None)."""
     enc = model.get_encoder()
     if over is not None and rows is None:
         rows = torch.arange(h.shape[0], device=h.device)
     layers = enc.layers[start:stop]
-    for layer in layers:
+    if padding is not None and (stop is not None or len(padding.keys) != len(layers)):
+        raise ValueError("a padding context runs the encoder to its end, from the layer it was made at")
+    for i, layer in enumerate(layers):
         x = _ln(layer.self_attn_layer_norm, h, over, rows)
-        x, _ = layer.self_attn(hidden_states=x, attention_mask=None)
+        if padding is None:
+            x, _ = layer.self_attn(hidden_states=x, attention_mask=None)
+        else:
+            x = _attend_with_padding(layer.self_attn, x, padding.keys[i], padding.values[i])
         h = h + x
         x = _ln(layer.final_layer_norm, h, over, rows)
-        h = h + layer.fc2(layer.activation_fn(layer.fc1(x)))
-        if h.dtype == torch.float16:
-            limit = torch.finfo(h.dtype).max - 1000
-            h = h.clamp(-limit, limit)
+        h = _clamp_half(h + layer.fc2(layer.activation_fn(layer.fc1(x))))
+    if padding is not None:
+        h = torch.cat([h, padding.hidden.to(h.dtype)], 1)
     if final_norm and (stop is None or stop >= len(enc.layers)):
         h = _ln(enc.layer_norm, h, over, rows)
     return h
+
+
+@torch.no_grad()
+def padding_context(model, h: torch.Tensor, start: int, positions: int) -> PaddingContext:
+    """The :class:`PaddingContext` of hidden states ``h [B, S, D]`` entering layer ``start``: the model's encoder
+    layers run on the whole input, keeping what the positions from ``positions`` on contribute."""
+    enc = model.get_encoder()
+    keys, values = [], []
+    for layer in enc.layers[start:]:
+        x = layer.self_attn_layer_norm(h)
+        attn = layer.self_attn
+        keys.append(_heads(attn.k_proj(x[:, positions:]), attn))
+        values.append(_heads(attn.v_proj(x[:, positions:]), attn))
+        x, _ = attn(hidden_states=x, attention_mask=None)
+        h = h + x
+        h = _clamp_half(h + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h)))))
+    return PaddingContext(positions, keys, values, h[:, positions:].contiguous())
 
 
 def encode(model, features: torch.Tensor, *, over: LayerNormOverrides | None = None) -> torch.Tensor:

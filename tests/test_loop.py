@@ -200,3 +200,49 @@ def test_an_utterance_whose_gradient_is_not_finite_does_not_step_and_leaves_no_t
     grads()
     loop_module.update(opt, binding, torch.ones(3, dtype=torch.bool))
     assert all(torch.isfinite(t).all() for t in binding.tensors)
+
+
+def test_the_speech_context_with_the_source_parameters_is_the_full_encoder():
+    """``encoder_context="speech"``: the first positions alone, attending over the padding's fixed keys/values,
+    give the whole input's encoder output (the padding's joined) when the parameters are the source model's."""
+    from fastem.whisper import padding_context
+
+    model = tiny_whisper(encoder_layers=2).double()
+    feats = random_features(seed=3).double()
+    with torch.no_grad():
+        h = encoder_embed(model, feats)
+        full = encoder_layers(model, h)
+        for start in (0, 1):
+            below = encoder_layers(model, h, 0, start, final_norm=False) if start else h
+            for positions in (50, 351, full.shape[1] - 1):
+                pad = padding_context(model, below, start, positions)
+                out = encoder_layers(model, below[:, :positions], start, padding=pad)
+                torch.testing.assert_close(out, full, rtol=0, atol=1e-10)
+                alone = encoder_layers(model, below[:, :positions], start)  # without the padding: not the same
+                assert not torch.allclose(alone, full[:, :positions], atol=1e-6)
+        with pytest.raises(ValueError, match="padding context"):
+            encoder_layers(model, h[:, :50], 0, 1, padding=padding_context(model, h, 0, 50))
+
+
+def test_speech_context_steps_run_the_clip_positions_over_the_whole_input(processor, monkeypatch):
+    """With encoder_context="speech" each step's encoder layers run on the clip's positions (150 for 1.5 s with
+    the margin) attending over all 1500, the cross-attention keys/values cover the whole input, and the model is
+    restored; "auto" parameter sets whose convolutions adapt fall back to the full context."""
+    whisper_module = importlib.import_module("fastem.whisper")
+    model = tiny_whisper()
+    audio = torch.randn(24000, generator=torch.Generator().manual_seed(0)) * 0.1
+    seen, widths = [], []
+    real_attend, real_kv = whisper_module._attend_with_padding, loop_module.cross_kv
+    monkeypatch.setattr(whisper_module, "_attend_with_padding",
+                        lambda a, x, k, v: seen.append((x.shape[1], x.shape[1] + k.shape[2])) or real_attend(a, x, k, v))
+    monkeypatch.setattr(loop_module, "cross_kv", lambda m, enc: widths.append(enc.shape[1]) or real_kv(m, enc))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=1e-2, max_new_tokens=6, min_entropy=0.0,
+              guards=(), draws=1)
+    res = fastem.adapt(model, audio, encoder_context="speech", **kw)
+    layers = len(model.get_encoder().layers)
+    assert seen == [(150, 1500)] * (3 * layers) and widths == [1500] * 5
+    assert len(res.history) == 3 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    seen.clear()
+    fastem.adapt(model, audio, encoder_context="speech", params="encoder", **kw)
+    assert seen == []
