@@ -52,8 +52,10 @@ class DecodeRules:
                 or (self.logprob is not None and t.avg_logprob < self.logprob))
 
     def is_silence(self, t: "Transcript") -> bool:
-        return (self.no_speech is not None and self.logprob is not None and t.no_speech_prob is not None
-                and t.no_speech_prob > self.no_speech and t.avg_logprob < self.logprob)
+        """openai-whisper's rule: the no-speech probability above its threshold, unless the transcript is likelier
+        than the log-prob threshold (with that test off, the no-speech probability alone)."""
+        return (self.no_speech is not None and t.no_speech_prob is not None and t.no_speech_prob > self.no_speech
+                and (self.logprob is None or t.avg_logprob <= self.logprob))
 
     def repetitive(self, t: "Transcript") -> bool:
         return self.compression_ratio is not None and t.compression_ratio > self.compression_ratio

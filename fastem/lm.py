@@ -112,7 +112,11 @@ class LMContext:
             raise ValueError("the sequences do not continue the prompt this context was read from")
         rows = ids.shape[0]
         data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.prefix]
-        return skip, DynamicCache(ddp_cache_data=data, config=model.config)
+        cache = DynamicCache(ddp_cache_data=data, config=model.config)
+        for layer in cache.layers:  # a sliding-window layer keeps its last keys only: its position is the prefix's
+            if getattr(layer, "is_sliding", False):
+                layer.cumulative_length = skip
+        return skip, cache
 
     def prefill(self, model, ids: torch.Tensor, groups, *, max_len: int, over=None, rows=None):
         """Run the prompts ``ids [R, P]`` into a cache; returns ``(hidden, cache)``, ``hidden`` the hidden states

@@ -215,6 +215,9 @@ def test_whisper_rules_leave_a_confident_repetition_alone():
     assert rules.is_silence(quiet) and not decoding.DecodeRules(no_speech=None).is_silence(quiet)
     sure = decoding.Transcript("thank you", [1, 2], avg_logprob=-0.4, no_speech_prob=0.9)
     assert not rules.is_silence(sure)  # confident words are not silence, whatever the no-speech probability
+    # as openai-whisper decides: with the log-prob test off the no-speech probability alone; at the threshold, silence
+    assert decoding.DecodeRules(logprob=None).is_silence(sure)
+    assert rules.is_silence(decoding.Transcript("thank you", [1, 2], avg_logprob=-1.0, no_speech_prob=0.9))
 
 
 def test_unknown_guard_is_named():

@@ -74,7 +74,22 @@ def llama(seed=0, dtype=torch.float32):
     return model
 
 
-@pytest.mark.parametrize("family", [gpt2, llama])
+def gemma3_sliding(seed=0, dtype=torch.float32):
+    """A Gemma 3 with a sliding-window layer of 4 tokens (the bundled Gemma 3 270M's shape, its window shrunk): the
+    prompts here are longer than the window, so the prefix cache must carry the positions the window dropped."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=128, initializer_range=0.3, bos_token_id=EOS, eos_token_id=EOS,
+        pad_token_id=0)).eval().to(dtype)
+    model.generation_config.eos_token_id = EOS
+    return model
+
+
+@pytest.mark.parametrize("family", [gpt2, llama, gemma3_sliding])
 @pytest.mark.parametrize("prefix", [False, True])
 def test_the_lm_paths_scores_equal_a_plain_forward_in_float64(family, prefix):
     """Sampled continuations, their teacher-forced entropies and log-probs through the LM context equal what a
