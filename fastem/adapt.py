@@ -157,10 +157,11 @@ class _WhisperInputs:
         feats = features(model, call.processor, call.waves)
         embed = any(n.split(".")[-2] in ("conv1", "conv2") for n in names if ".encoder." in f".{n}")
         with torch.no_grad(), call.source_model(call.learnt):
-            context = call.cfg.encoder_context
-            short = clip_frames(call.seconds, feats.shape[-1]) if context in ("clip", "speech") else None
+            context, total = call.cfg.encoder_context, feats.shape[-1]
+            short = clip_frames(call.seconds, total) if context == "clip" else None
+            speech = [clip_frames([s], total) for s in call.seconds] if context == "speech" else None
             call.encoder = Encoder.build(model, feats, first_adapted_encoder_layer(model, names), embed,
-                                         cross_kv_fixed(call.binding.named), short, padded=context == "speech")
+                                         cross_kv_fixed(call.binding.named), short, speech)
             call.prompts = build_prompts(model, call.encoder.cross, call.languages, task=call.cfg.task, head=call.head)
 
 

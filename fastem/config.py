@@ -137,11 +137,12 @@ class AdaptConfig:
                     of margin), cheaper for short clips; every transcript is decoded from the full input.  In a batch
                     (``adapt_batch``) the longest clip of the batch sets that length for all of them, so a clip's
                     steps see more padding there than alone, and its result may differ from ``adapt``'s.
-                    "speech": the steps run the encoder on the clips' positions only (the same length), which
-                    attend over the whole 30-s input: the padding's keys and values in every layer, and its
-                    output, are the source model's, computed once (:class:`fastem.whisper.PaddingContext`); the
-                    encoder's work of a step shrinks as with "clip", and the clip's positions see the context
-                    Whisper was trained on.  Parameter sets whose convolutions adapt run the full context.
+                    "speech": the steps run the encoder on each clip's own positions only (its length, as
+                    "clip" rounds it, even in a batch), which attend over the whole 30-s input: the padding's keys
+                    and values in every layer, and its output, are the source model's, computed once
+                    (:class:`fastem.whisper.PaddingContext`); the encoder's work of a step shrinks as with "clip",
+                    and the clip's positions see the context Whisper was trained on.  Parameter sets whose
+                    convolutions adapt run the full context.
     step_precision: "model" (default): the adaptation steps compute in the model's own dtype; "bfloat16": the
                     encoder layers that adapt run under ``torch.autocast`` in bfloat16 during the steps (most of
                     a step's arithmetic); sampling, scoring, the loss, the adapted parameters, every transcript

@@ -51,10 +51,11 @@ class Encoder:
     (features, the embedding, or the hidden states below layer ``start``); ``source``: the source
     model's encoder output and ``cross``: its cross-attention keys/values.  ``short``: the same input
     on the clips' own length (``AdaptConfig.encoder_context="clip"``), which the steps use when the
-    encoder adapts; every transcript is decoded from the full 30-s input.  ``padding``: with
-    ``encoder_context="speech"``, the source model's keys/values and output on the positions after the clips'
-    (:class:`fastem.whisper.PaddingContext`); ``short`` is then the full input's first positions, which the steps
-    run over the whole 30-s context.
+    encoder adapts; every transcript is decoded from the full 30-s input.  ``speech``: with
+    ``encoder_context="speech"``, per utterance its own first positions of the full input (its clip's length) and
+    the source model's keys/values and output on the positions after them (:class:`fastem.whisper.PaddingContext`):
+    the steps run each utterance's positions over the whole 30-s context, utterances of one length together, so an
+    utterance's steps are the same in a batch as alone.
     """
 
     start: int | None
@@ -64,22 +65,22 @@ class Encoder:
     source: torch.Tensor
     cross: CrossKV
     short: torch.Tensor | None = None
-    padding: PaddingContext | None = None
+    speech: list[tuple[torch.Tensor, PaddingContext]] | None = None
 
     @classmethod
     def build(cls, model, feats: torch.Tensor, start: int | None, embed: bool, cross_fixed: bool,
-              short_frames: int | None = None, padded: bool = False) -> "Encoder":
+              short_frames: int | None = None, speech_frames: list[int] | None = None) -> "Encoder":
         """Run the source model's encoder once (no grad), keeping the split point's input (``short_frames``: and
-        the clips' own length, ``padded``: with the source model's padding context, see the class)."""
+        the clips' own length; ``speech_frames``: each utterance's, with the source model's padding context; see
+        the class)."""
         with torch.no_grad():
             embedded = encoder_embed(model, feats)
             below = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
             source = encoder_layers(model, below, start or 0)
-            short, padding = None, None
-            if padded and short_frames is not None and short_frames < feats.shape[-1] and start is not None \
-                    and not embed:
-                padding = padding_context(model, below, start, short_frames // 2)
-                short = below[:, :short_frames // 2]
+            short, speech = None, None
+            if speech_frames is not None and start is not None and not embed:
+                speech = [(below[b:b + 1, :f // 2], padding_context(model, below[b:b + 1], start, f // 2))
+                          for b, f in enumerate(speech_frames)]
             elif short_frames is not None and short_frames < feats.shape[-1] and (embed or start is not None):
                 clipped = feats[..., :short_frames]
                 if embed:
@@ -88,12 +89,31 @@ class Encoder:
                     e = encoder_embed(model, clipped, shorter=True)
                     short = encoder_layers(model, e, 0, start, final_norm=False) if start else e
         prefix = feats if embed else below
-        return cls(start, embed, cross_fixed, prefix, source, cross_kv(model, source), short, padding)
+        return cls(start, embed, cross_fixed, prefix, source, cross_kv(model, source), short, speech)
 
     def select(self, index: list[int]) -> "Encoder":
         return Encoder(self.start, self.embed, self.cross_fixed, self.prefix[index], self.source[index],
                        self.cross.select(index), None if self.short is None else self.short[index],
-                       None if self.padding is None else self.padding.select(index))
+                       None if self.speech is None else [self.speech[i] for i in index])
+
+    def _speech_layers(self, model, over, rows: torch.Tensor | None) -> torch.Tensor:
+        """The adapted encoder's output with each utterance's own positions run over its padding context,
+        utterances of one length together."""
+        n = len(self.speech)
+        rows = rows if rows is not None else torch.arange(n, device=self.prefix.device)
+        groups: dict[int, list[int]] = {}
+        for j, (positions, _) in enumerate(self.speech):
+            groups.setdefault(positions.shape[1], []).append(j)
+        parts, order = [], []
+        for idx in groups.values():
+            padding = PaddingContext.cat([self.speech[j][1] for j in idx])
+            parts.append(encoder_layers(model, torch.cat([self.speech[j][0] for j in idx]), self.start, over=over,
+                                        rows=rows[idx], padding=padding))
+            order += idx
+        hidden = torch.cat(parts)
+        if order != list(range(n)):
+            hidden = hidden[torch.tensor(order, device=hidden.device).argsort()]
+        return hidden
 
     def adapted_cross(self, model, over, *, short: bool = False, autocast=None,
                       rows: torch.Tensor | None = None) -> CrossKV:
@@ -107,9 +127,10 @@ class Encoder:
             with autocast if autocast is not None else contextlib.nullcontext():
                 if self.embed:
                     hidden = encoder_layers(model, encoder_embed(model, prefix, shorter=True), 0, over=over, rows=rows)
+                elif short and self.speech is not None:
+                    hidden = self._speech_layers(model, over, rows)
                 else:
-                    padding = self.padding if short else None
-                    hidden = encoder_layers(model, prefix, self.start, over=over, rows=rows, padding=padding)
+                    hidden = encoder_layers(model, prefix, self.start, over=over, rows=rows)
             return cross_kv(model, hidden.to(self.source.dtype))
         if not self.cross_fixed:
             return cross_kv(model, self.source)

@@ -98,9 +98,14 @@ class PaddingContext:
     values: list[torch.Tensor]
     hidden: torch.Tensor
 
-    def select(self, index) -> "PaddingContext":
-        return PaddingContext(self.positions, [k[index] for k in self.keys], [v[index] for v in self.values],
-                              self.hidden[index])
+    @staticmethod
+    def cat(parts: list["PaddingContext"]) -> "PaddingContext":
+        """Several utterances' contexts of the same ``positions`` as one batch."""
+        if len({p.positions for p in parts}) != 1:
+            raise ValueError("only contexts of the same length join in one batch")
+        return PaddingContext(parts[0].positions, [torch.cat(k) for k in zip(*(p.keys for p in parts))],
+                              [torch.cat(v) for v in zip(*(p.values for p in parts))],
+                              torch.cat([p.hidden for p in parts]))
 
 
 def _attend_with_padding(attn, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -246,3 +246,41 @@ def test_speech_context_steps_run_the_clip_positions_over_the_whole_input(proces
     seen.clear()
     fastem.adapt(model, audio, encoder_context="speech", params="encoder", **kw)
     assert seen == []
+
+
+def test_speech_context_runs_each_utterance_on_its_own_positions_in_a_batch():
+    """Each utterance's steps run its own positions (not the batch's longest), utterances of one length together:
+    under adapted LayerNorms an utterance's encoder output in a batch equals its output alone, and differs from
+    the output it would get with the batch's longest clip's positions (what the test can see)."""
+    from fastem.params import Binding, select_parameters
+
+    model = tiny_whisper(encoder_layers=2)
+    feats = torch.cat([random_features(seed=s) for s in (1, 2, 3)])
+    frames = [300, 500, 300]
+    binding = Binding(model, select_parameters(model, "layernorm"), 3)
+    with torch.no_grad():
+        for t in binding.tensors:
+            t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())) * 0.3)
+    encoder = loop_module.Encoder.build(model, feats, 0, False, False, speech_frames=frames)
+    batched = encoder._speech_layers(model, binding.over, None)
+    for b in range(3):
+        alone = encoder.select([b])._speech_layers(model, binding.over, torch.tensor([b]))
+        torch.testing.assert_close(batched[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+    longest = loop_module.Encoder.build(model, feats[:1], 0, False, False, speech_frames=[500])
+    other = longest._speech_layers(model, binding.over, torch.tensor([0]))
+    assert not torch.allclose(other, batched[:1], atol=1e-3)
+
+
+def test_speech_context_steps_are_the_same_in_a_batch_as_alone(processor):
+    """Each clip's steps run its own positions (not the batch's longest): adapt_batch equals adapt alone."""
+    model = tiny_whisper()
+    g = torch.Generator().manual_seed(1)
+    audios = [torch.randn(24000, generator=g) * 0.1, torch.randn(52000, generator=g) * 0.1]  # 150 and 250 positions
+    kw = dict(processor=processor, language="en", steps=3, num_samples=2, lr=0.3, max_new_tokens=6, min_entropy=0.0,
+              guards=(), draws=1, encoder_context="speech")
+    batched = fastem.adapt_batch(model, audios, **kw)
+    for audio, b in zip(audios, batched):
+        alone = fastem.adapt(model, audio, **kw)
+        assert b.tokens_adapted == alone.tokens_adapted
+        for hb, ha in zip(b.history, alone.history):
+            assert hb["loss"] == pytest.approx(ha["loss"], rel=1e-5, abs=1e-6)
