@@ -20,7 +20,7 @@ from .objective import em_loss, entropy_rows, suta_loss
 from .params import Binding, ModelSnapshot
 from .precision import full_precision, step_autocast
 from .sampling import Head, Hypotheses, decode, score, teacher_forced_hidden
-from .whisper import CrossKV, PaddingContext, cross_kv, encoder_embed, encoder_layers, padding_context
+from .whisper import CrossKV, PaddingContext, cross_kv, encoder_embed, encoder_layers, padding_from
 
 __all__ = ["Encoder", "Settling", "State", "make_optimizer", "step", "update"]
 
@@ -76,10 +76,14 @@ class Encoder:
         with torch.no_grad():
             embedded = encoder_embed(model, feats)
             below = encoder_layers(model, embedded, 0, start, final_norm=False) if start else embedded
-            source = encoder_layers(model, below, start or 0)
+            padded = speech_frames is not None and start is not None and not embed
+            inputs: list[torch.Tensor] | None = [] if padded else None  # the padding context, from the same pass
+            last = encoder_layers(model, below, start or 0, final_norm=False, attn_inputs=inputs)
+            source = model.get_encoder().layer_norm(last)
             short, speech = None, None
-            if speech_frames is not None and start is not None and not embed:
-                speech = [(below[b:b + 1, :f // 2], padding_context(model, below[b:b + 1], start, f // 2))
+            if padded:
+                speech = [(below[b:b + 1, :f // 2],
+                           padding_from(model, start, [x[b:b + 1] for x in inputs], last[b:b + 1], f // 2))
                           for b, f in enumerate(speech_frames)]
             elif short_frames is not None and short_frames < feats.shape[-1] and (embed or start is not None):
                 clipped = feats[..., :short_frames]

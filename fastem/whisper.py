@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LayerNormOverrides", "CrossKV", "SelfKV", "PaddingContext", "clip_frames", "encoder_embed",
-           "encoder_layers", "encode", "padding_context", "cross_kv", "decoder_forward"]
+           "encoder_layers", "encode", "padding_context", "padding_from", "cross_kv", "decoder_forward"]
 
 
 class LayerNormOverrides:
@@ -117,21 +117,16 @@ def _attend_with_padding(attn, x: torch.Tensor, keys: torch.Tensor, values: torc
     return attn.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
-def _clamp_half(h: torch.Tensor) -> torch.Tensor:
-    if h.dtype == torch.float16:
-        limit = torch.finfo(h.dtype).max - 1000
-        h = h.clamp(-limit, limit)
-    return h
-
-
 def encoder_layers(model, h: torch.Tensor, start: int = 0, stop: int | None = None, *,
                    over: LayerNormOverrides | None = None, final_norm: bool = True,
-                   rows: torch.Tensor | None = None, padding: PaddingContext | None = None) -> torch.Tensor:
+                   rows: torch.Tensor | None = None, padding: PaddingContext | None = None,
+                   attn_inputs: list | None = None) -> torch.Tensor:
     """Encoder layers ``[start, stop)`` on hidden states ``h [B, S, D]``, then the final LayerNorm
     (when ``final_norm`` and the stack is run to its end).  ``rows [B]``: the row of ``over``'s tables
     each utterance uses (default: its own index).  ``padding``: ``h`` holds the first ``padding.positions``
     positions alone, which attend over themselves and the padding's fixed keys/values; the output is the whole
-    input's, the padding's last hidden states joined before the final LayerNorm (``stop`` must be None)."""
+    input's, the padding's last hidden states joined before the final LayerNorm (``stop`` must be None).
+    ``attn_inputs``: each layer's normalized self-attention input is appended to it (:func:`padding_context`)."""
     enc = model.get_encoder()
     if over is not None and rows is None:
         rows = torch.arange(h.shape[0], device=h.device)
@@ -140,13 +135,18 @@ def encoder_layers(model, h: torch.Tensor, start: int = 0, stop: int | None = No
         raise ValueError("a padding context runs the encoder to its end, from the layer it was made at")
     for i, layer in enumerate(layers):
         x = _ln(layer.self_attn_layer_norm, h, over, rows)
+        if attn_inputs is not None:
+            attn_inputs.append(x)
         if padding is None:
             x, _ = layer.self_attn(hidden_states=x, attention_mask=None)
         else:
             x = _attend_with_padding(layer.self_attn, x, padding.keys[i], padding.values[i])
         h = h + x
         x = _ln(layer.final_layer_norm, h, over, rows)
-        h = _clamp_half(h + layer.fc2(layer.activation_fn(layer.fc1(x))))
+        h = h + layer.fc2(layer.activation_fn(layer.fc1(x)))
+        if h.dtype == torch.float16:
+            limit = torch.finfo(h.dtype).max - 1000
+            h = h.clamp(-limit, limit)
     if padding is not None:
         h = torch.cat([h, padding.hidden.to(h.dtype)], 1)
     if final_norm and (stop is None or stop >= len(enc.layers)):
@@ -158,17 +158,19 @@ def encoder_layers(model, h: torch.Tensor, start: int = 0, stop: int | None = No
 def padding_context(model, h: torch.Tensor, start: int, positions: int) -> PaddingContext:
     """The :class:`PaddingContext` of hidden states ``h [B, S, D]`` entering layer ``start``: the model's encoder
     layers run on the whole input, keeping what the positions from ``positions`` on contribute."""
-    enc = model.get_encoder()
-    keys, values = [], []
-    for layer in enc.layers[start:]:
-        x = layer.self_attn_layer_norm(h)
-        attn = layer.self_attn
-        keys.append(_heads(attn.k_proj(x[:, positions:]), attn))
-        values.append(_heads(attn.v_proj(x[:, positions:]), attn))
-        x, _ = attn(hidden_states=x, attention_mask=None)
-        h = h + x
-        h = _clamp_half(h + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h)))))
-    return PaddingContext(positions, keys, values, h[:, positions:].contiguous())
+    inputs: list[torch.Tensor] = []
+    last = encoder_layers(model, h, start, final_norm=False, attn_inputs=inputs)
+    return padding_from(model, start, inputs, last, positions)
+
+
+def padding_from(model, start: int, attn_inputs: list[torch.Tensor], last: torch.Tensor,
+                 positions: int) -> PaddingContext:
+    """The :class:`PaddingContext` from a pass of the encoder layers from ``start`` that recorded its
+    ``attn_inputs`` (:func:`encoder_layers`) and ended in ``last`` (before the final LayerNorm)."""
+    layers = model.get_encoder().layers[start:]
+    keys = [_heads(layer.self_attn.k_proj(x[:, positions:]), layer.self_attn) for layer, x in zip(layers, attn_inputs)]
+    values = [_heads(layer.self_attn.v_proj(x[:, positions:]), layer.self_attn) for layer, x in zip(layers, attn_inputs)]
+    return PaddingContext(positions, keys, values, last[:, positions:].contiguous())
 
 
 def encode(model, features: torch.Tensor, *, over: LayerNormOverrides | None = None) -> torch.Tensor:
