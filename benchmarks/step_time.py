@@ -19,11 +19,16 @@ import argparse
 import collections
 import importlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import fastem
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fastem  # noqa: E402
+from harness.naive import median_seconds  # noqa: E402
 
 loop_module = importlib.import_module("fastem.loop")
 PHASES = {"encoder_layers": "encoder (adapted layers, with grad)", "cross_kv": "cross-attention K/V",
@@ -55,16 +60,7 @@ def main(argv=None) -> None:
     spent: dict[str, list[float]] = collections.defaultdict(list)
     current: dict[str, float] = collections.defaultdict(float)
     for name in PHASES:
-        real = getattr(loop_module, name)
-
-        def timed(*a, _real=real, _name=name, **k):
-            t0 = time.perf_counter()
-            try:
-                return _real(*a, **k)
-            finally:
-                current[_name] += time.perf_counter() - t0
-
-        setattr(loop_module, name, timed)
+        _time_calls(loop_module, name, lambda name, sec: current.__setitem__(name, current[name] + sec))
     real_losses = loop_module._losses
 
     def step_marker(*a, **k):  # _losses runs once per step: close the previous step's phase sums
@@ -103,41 +99,36 @@ CALL_PHASES = {"_encode": "source encoder", "_transcribe_source": "source transc
                "_transcribe_adapted": "adapted transcripts (5-beam search, both draws)", "_judge_phase": "judge"}
 
 
+def _time_calls(module, name: str, record) -> None:
+    """Replace ``module.name`` by a wrapper that calls ``record(name, seconds)`` after each call."""
+    real = getattr(module, name)
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            record(name, time.perf_counter() - t0)
+
+    setattr(module, name, timed)
+
+
 def _call_phases(model, processor, audio, calls: int) -> None:
     """Median seconds of each phase over ``calls`` default calls forced past the gate, after a warm one."""
     pipeline = importlib.import_module("fastem.adapt")
     spent: dict[str, list[float]] = collections.defaultdict(list)
     reals = {name: getattr(pipeline, name) for name in CALL_PHASES}
-
-    def timer(name):
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return reals[name](*a, **k)
-            finally:
-                spent[name].append(time.perf_counter() - t0)
-        return timed
-
-    fastem.transcribe(model, audio, processor=processor, language="en")  # warm
-    greedy = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fastem.transcribe(model, audio, processor=processor, language="en")
-        greedy.append(time.perf_counter() - t0)
-    one = statistics.median(greedy)
-    fastem.adapt(model, audio, processor=processor, language="en", min_entropy=0)  # warm
-    totals = []
+    kw = dict(processor=processor, language="en")
+    fastem.transcribe(model, audio, **kw)  # warm
+    one = median_seconds(lambda: fastem.transcribe(model, audio, **kw), calls)
+    fastem.adapt(model, audio, min_entropy=0, **kw)  # warm
     try:
         for name in CALL_PHASES:
-            setattr(pipeline, name, timer(name))
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fastem.adapt(model, audio, processor=processor, language="en", min_entropy=0)
-            totals.append(time.perf_counter() - t0)
+            _time_calls(pipeline, name, lambda name, sec: spent[name].append(sec))
+        total = median_seconds(lambda: fastem.adapt(model, audio, min_entropy=0, **kw), calls)
     finally:
         for name, real in reals.items():
             setattr(pipeline, name, real)
-    total = statistics.median(totals)
     print(f"A call of the default forced past the gate, median of {calls}; a greedy transcription {one:.2f} s")
     print("| phase | seconds | greedy transcriptions |\n|---|---:|---:|")
     for name, label in CALL_PHASES.items():
